@@ -1,0 +1,365 @@
+"""Offline pool building: oracle -> oracle-logit cache -> library -> feature cache -> experts.
+
+Every stage ends by writing its weights atomically and then a small record in
+``<pool>/stages/`` (fingerprint of its inputs and settings, sha256, metrics).
+A restarted build - after Ctrl-C or SIGKILL - reuses each stage whose record,
+fingerprint and checksum match, so finished work is never redone and a
+half-written file is never mistaken for a finished one.  ``pool.json`` is
+written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from edge_runtime.atomic_io import atomic_write_json, sha256_file
+
+from .cache import CACHE_DTYPES, cached_array
+from .data import Dataset, Normalizer, load_dataset
+from .errors import PoolBuilderError, unknown_name
+from .evaluate import ExpertReport, expert_report, predict_logits
+from .hierarchy import TaskHierarchy
+from .models import Library, WideResNet, build_expert_head, count_parameters, create_model, list_models
+from .pool_format import DatasetInfo, ExpertEntry, ModelEntry, PoolMetadata, write_pool_json
+from .training import (TrainConfig, cached_source, distill_student, extract_expert, online_source,
+                       run_batched, train_classifier)
+from .weights import load_module, load_user_oracle, save_state_dict
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what a build produces; recorded in ``pool.json``."""
+
+    out: str = "runs/pool"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    hierarchy: str | None = None
+    profile: str = "quick"
+    train_limit: int | None = 12000
+    test_limit: int | None = 5000
+    oracle_arch: str | None = "wrn_16_2"  # with oracle_file: None = TorchScript, a name = state dict
+    oracle_file: str | None = None
+    oracle_epochs: int = 3
+    student_arch: str = "wrn_16_1"
+    library_epochs: int = 6
+    expert_epochs: int = 15
+    expert_width: float = 0.25
+    temperature: float = 4.0
+    alpha: float = 0.3
+    batch_size: int = 128
+    lr: float = 0.05
+    expert_lr: float = 0.05
+    cache_dtype: str = "float16"
+    online: bool = False
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise unknown_name("cache dtype", self.cache_dtype, list(CACHE_DTYPES))
+        if self.temperature <= 0:
+            raise PoolBuilderError(f"temperature must be positive, got {self.temperature}")
+        if self.alpha < 0:
+            raise PoolBuilderError(f"alpha must be >= 0, got {self.alpha}")
+        if not 0 < self.expert_width <= 1:
+            raise PoolBuilderError(f"expert width must be in (0, 1], got {self.expert_width}")
+        for name in ("oracle_epochs", "library_epochs", "expert_epochs"):
+            if getattr(self, name) < 1:
+                raise PoolBuilderError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.student_arch not in list_models("wrn_*"):
+            raise unknown_name("student architecture", self.student_arch, list_models("wrn_*"))
+        if self.oracle_file is None and self.oracle_arch is None:
+            raise PoolBuilderError("name an oracle architecture to train, or pass an oracle file")
+        if self.oracle_arch is not None and self.oracle_arch not in list_models():
+            raise unknown_name("architecture", self.oracle_arch, list_models())
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # ~5 min of compute on 2 cores: a 12k-image stratified subset, short schedules.
+    "quick": dict(train_limit=12000, test_limit=5000, oracle_arch="wrn_16_2", oracle_epochs=3,
+                  library_epochs=6, expert_epochs=15),
+    # All 60k training and 10k test images.
+    "full": dict(train_limit=None, test_limit=None, oracle_arch="wrn_16_2", oracle_epochs=8,
+                 library_epochs=10, expert_epochs=20),
+}
+
+
+def config_for(profile: str, **overrides: Any) -> BuildConfig:
+    """A profile's settings with explicit overrides (``None`` overrides are ignored)."""
+    if profile not in PROFILES:
+        raise unknown_name("profile", profile, list(PROFILES))
+    valid = {f.name for f in fields(BuildConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise unknown_name("build setting", unknown[0], sorted(valid))
+    settings = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("oracle_file") and overrides.get("oracle_arch") is None:
+        settings["oracle_arch"] = None  # a user oracle without an architecture is TorchScript
+    return BuildConfig(profile=profile, **settings)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageRecord:
+    """What a finished stage left behind; the file's checksum is re-checked on reuse."""
+
+    fingerprint: str
+    file: str
+    sha256: str
+    architecture: dict[str, Any]
+    parameters: int
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class PoolBuild:
+    """One build of one pool directory (see module docstring for the stages)."""
+
+    def __init__(self, cfg: BuildConfig, log: Log = _stderr, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.show_progress = show_progress
+        self.out = Path(cfg.out)
+        self.stages_dir = self.out / "stages"
+        self.cache_dir = self.out / "cache"
+        self.ran: list[str] = []
+        self.reused: list[str] = []
+
+    # ------------------------------------------------------------------ records
+    def _record_path(self, stage: str) -> Path:
+        return self.stages_dir / f"{stage}.json"
+
+    def _finished(self, stage: str, fingerprint: str) -> StageRecord | None:
+        try:
+            record = StageRecord(**json.loads(self._record_path(stage).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        path = self.out / record.file
+        if record.fingerprint != fingerprint or not path.is_file() or sha256_file(path) != record.sha256:
+            return None
+        return record
+
+    def _commit(self, stage: str, record: StageRecord) -> StageRecord:
+        atomic_write_json(self._record_path(stage), asdict(record))
+        return record
+
+    def _stage(self, stage: str, fingerprint: str, run: Callable[[], StageRecord]) -> StageRecord:
+        record = self._finished(stage, fingerprint)
+        if record is not None:
+            self.log(f"[{stage}] done earlier, reusing {record.file}")
+            self.reused.append(stage)
+            return record
+        self._record_path(stage).unlink(missing_ok=True)
+        self.log(f"[{stage}] running")
+        start = time.perf_counter()
+        record = run()
+        record.seconds = round(time.perf_counter() - start, 2)
+        self.ran.append(stage)
+        self.log(f"[{stage}] finished in {record.seconds:.1f}s {json.dumps(record.metrics, sort_keys=True)}")
+        return self._commit(stage, record)
+
+    # ------------------------------------------------------------------ helpers
+    def _train_cfg(self, epochs: int, lr: float, offset: int) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.cfg.batch_size, lr=lr, seed=self.cfg.seed * 7919 + offset)
+
+    def _seed(self, offset: int) -> None:
+        torch.manual_seed(self.cfg.seed * 7919 + offset)
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> PoolMetadata:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        full = load_dataset(cfg.dataset, cfg.data_dir)
+        data = full.limited(cfg.train_limit, cfg.test_limit, cfg.seed)
+        hierarchy = (TaskHierarchy.from_json(cfg.hierarchy, data.class_names) if cfg.hierarchy
+                     else TaskHierarchy.default_for(cfg.dataset, data.class_names))
+        normalizer = Normalizer(data.mean, data.std)
+        self.log(f"data: {cfg.dataset} {len(data.train)} train / {len(data.test)} test images "
+                 f"{data.input_shape}, tasks: {', '.join(hierarchy.task_names)}")
+        data_fp = _fingerprint(cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
+                               hashlib.sha256(data.train.labels).hexdigest(), data.mean, data.std)
+
+        oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
+        train_logits = None
+        if not cfg.online:
+            train_logits = cached_array(
+                self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
+                (len(data.train), data.num_classes), "float32",
+                lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
+                                    show_progress=self.show_progress), self.log)
+        test_logits = predict_logits(oracle, data.test.images, normalizer)
+        oracle_rec.metrics["test_accuracy"] = float((test_logits.argmax(1) == data.test.labels).mean())
+
+        library_rec, library = self._library(data, normalizer, data_fp, oracle_rec, oracle, train_logits)
+        features = None
+        if not cfg.online:
+            with torch.no_grad():
+                shape = (len(data.train), *library(normalizer(data.train.images[:2])).shape[1:])
+            features = cached_array(
+                self.cache_dir / "library_features.npy", _fingerprint(library_rec.sha256, data_fp, cfg.cache_dtype),
+                shape, cfg.cache_dtype,
+                lambda: run_batched(library, data.train.images, normalizer, dtype=cfg.cache_dtype,
+                                    desc="library features", show_progress=self.show_progress), self.log)
+        test_features = torch.from_numpy(
+            np.concatenate([o for _r, o in run_batched(library, data.test.images, normalizer, show_progress=False)]))
+
+        expert_recs = {}
+        for task in hierarchy.task_names:
+            expert_recs[task] = self._expert(task, hierarchy.class_ids(task), data, normalizer, data_fp, oracle_rec,
+                                             oracle, library_rec, library, train_logits, features, test_features,
+                                             test_logits)
+        meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
+        write_pool_json(self.out, meta)
+        self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
+                 f"ran {', '.join(self.ran) or 'nothing'}; reused {', '.join(self.reused) or 'nothing'})")
+        return meta
+
+    def _oracle(self, data: Dataset, normalizer: Normalizer, data_fp: str) -> tuple[StageRecord, torch.nn.Module]:
+        cfg = self.cfg
+        if cfg.oracle_file:
+            user_sha = sha256_file(cfg.oracle_file)
+            fingerprint = _fingerprint("user", user_sha, cfg.oracle_arch)
+        else:
+            fingerprint = _fingerprint("train", data_fp, cfg.oracle_arch, cfg.oracle_epochs, cfg.lr,
+                                       cfg.batch_size, cfg.seed)
+
+        def run() -> StageRecord:
+            if cfg.oracle_file:
+                model, arch = load_user_oracle(cfg.oracle_file, cfg.oracle_arch, data.input_shape, data.num_classes)
+                if arch["kind"] == "torchscript":
+                    name = "oracle.torchscript.pt"
+                    torch.jit.save(model, str(self.out / f".{name}.tmp"))
+                    os.replace(self.out / f".{name}.tmp", self.out / name)
+                    sha = sha256_file(self.out / name)
+                else:
+                    name, sha = "oracle.pt", save_state_dict(model, self.out / "oracle.pt")
+                return StageRecord(fingerprint, name, sha, arch, count_parameters(model), 0.0, {"source": "user"})
+            self._seed(1)
+            model = create_model(cfg.oracle_arch, in_channels=data.input_shape[0], num_classes=data.num_classes)
+            loss = train_classifier(model, data.train.images, data.train.labels, normalizer,
+                                    self._train_cfg(cfg.oracle_epochs, cfg.lr * 2, 1), show_progress=self.show_progress)
+            arch = {"kind": "registry", "name": cfg.oracle_arch, "in_channels": data.input_shape[0],
+                    "num_classes": data.num_classes}
+            sha = save_state_dict(model, self.out / "oracle.pt")
+            return StageRecord(fingerprint, "oracle.pt", sha, arch, count_parameters(model), 0.0,
+                               {"source": "trained", "final_train_loss": round(loss, 4)})
+
+        record = self._stage("oracle", fingerprint, run)
+        return record, load_module(record.architecture, self.out / record.file, "oracle")
+
+    def _library(self, data: Dataset, normalizer: Normalizer, data_fp: str, oracle_rec: StageRecord,
+                 oracle: torch.nn.Module, train_logits: np.ndarray | None) -> tuple[StageRecord, torch.nn.Module]:
+        cfg = self.cfg
+        # cached and online teacher logits are the same numbers, so the library does not depend on the mode
+        fingerprint = _fingerprint(oracle_rec.sha256, data_fp, cfg.student_arch, cfg.library_epochs, cfg.temperature,
+                                   cfg.lr, cfg.batch_size, cfg.seed)
+
+        def run() -> StageRecord:
+            self._seed(2)
+            student = create_model(cfg.student_arch, in_channels=data.input_shape[0], num_classes=data.num_classes)
+            if not isinstance(student, WideResNet):
+                raise PoolBuilderError(f"student {cfg.student_arch!r} must be a WRN (choices: {list_models('wrn_*')})")
+            teacher = (online_source(oracle, data.train.images, normalizer) if train_logits is None
+                       else cached_source(train_logits))
+            loss = distill_student(student, data.train.images, normalizer, teacher,
+                                   self._train_cfg(cfg.library_epochs, cfg.lr, 2), cfg.temperature,
+                                   show_progress=self.show_progress)
+            student_logits = predict_logits(student, data.test.images, normalizer)
+            arch = {"kind": "wrn_library", "student": asdict(student.cfg), "student_arch": cfg.student_arch}
+            sha = save_state_dict(student.library, self.out / "library.pt")
+            return StageRecord(fingerprint, "library.pt", sha, arch, count_parameters(student.library), 0.0, {
+                "final_kd_loss": round(loss, 4),
+                "student_test_accuracy": float((student_logits.argmax(1) == data.test.labels).mean()),
+                "student_parameters_with_temporary_head": count_parameters(student)})
+
+        record = self._stage("library", fingerprint, run)
+        library = load_module(record.architecture, self.out / record.file, "library")
+        return record, library.to(memory_format=torch.channels_last)
+
+    def _expert(self, task: str, class_ids: tuple[int, ...], data: Dataset, normalizer: Normalizer, data_fp: str,
+                oracle_rec: StageRecord, oracle: torch.nn.Module, library_rec: StageRecord, library: Library,
+                train_logits: np.ndarray | None, features: np.ndarray | None, test_features: torch.Tensor,
+                test_logits: np.ndarray) -> StageRecord:
+        cfg = self.cfg
+        fingerprint = _fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids, cfg.expert_width,
+                                   cfg.expert_epochs, cfg.temperature, cfg.alpha, cfg.expert_lr, cfg.batch_size,
+                                   cfg.seed, cfg.online, cfg.cache_dtype)
+        offset = 100 + zlib.crc32(task.encode()) % 100000
+
+        def run() -> StageRecord:
+            self._seed(offset)
+            student_cfg = library.cfg
+            head = build_expert_head(student_cfg, cfg.expert_width, len(class_ids))
+            if cfg.online:
+                feat_src = online_source(library, data.train.images, normalizer)
+                logit_src = online_source(oracle, data.train.images, normalizer)
+            else:
+                feat_src, logit_src = cached_source(features), cached_source(train_logits)
+            loss = extract_expert(head, len(data.train), feat_src, logit_src, class_ids,
+                                  self._train_cfg(cfg.expert_epochs, cfg.expert_lr, offset), cfg.temperature,
+                                  cfg.alpha, desc=f"expert {task}", show_progress=self.show_progress)
+            report: ExpertReport = expert_report(task, head, test_features, test_logits, data.test.labels, class_ids)
+            arch = {"kind": "wrn_expert", "student": asdict(student_cfg), "width_factor": cfg.expert_width,
+                    "num_outputs": len(class_ids)}
+            name = f"experts/{task}.pt"
+            sha = save_state_dict(head, self.out / name)
+            metrics = {k: v for k, v in asdict(report).items() if k not in ("task", "parameters")}
+            metrics["final_ckd_loss"] = round(loss, 4)
+            return StageRecord(fingerprint, name, sha, arch, count_parameters(head), 0.0, metrics)
+
+        return self._stage(f"expert-{task}", fingerprint, run)
+
+    def _metadata(self, data: Dataset, hierarchy: TaskHierarchy, oracle_rec: StageRecord, library_rec: StageRecord,
+                  experts: dict[str, StageRecord]) -> PoolMetadata:
+        def entry(rec: StageRecord) -> ModelEntry:
+            return ModelEntry(rec.file, rec.sha256, rec.architecture, rec.parameters,
+                              {**rec.metrics, "build_seconds": rec.seconds})
+
+        expert_entries = {
+            t: ExpertEntry(r.file, r.sha256, r.architecture, r.parameters, {**r.metrics, "build_seconds": r.seconds},
+                           task=t, class_ids=list(hierarchy.class_ids(t)), library_sha256=library_rec.sha256)
+            for t, r in experts.items()}
+        shas = [oracle_rec.sha256, library_rec.sha256] + [experts[t].sha256 for t in sorted(experts)]
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "threads")}
+        return PoolMetadata(
+            pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            dataset=DatasetInfo(data.name, list(data.class_names), list(data.input_shape), list(data.mean),
+                                list(data.std)),
+            tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
+            build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
+                   "torch": torch.__version__})
+
+
+
+def build_pool(cfg: BuildConfig, log: Log = _stderr, show_progress: bool = True) -> PoolMetadata:
+    """Build (or resume building) the pool described by ``cfg``."""
+    return PoolBuild(cfg, log, show_progress).run()
+
+
+def with_overrides(cfg: BuildConfig, **changes: Any) -> BuildConfig:
+    """A copy of ``cfg`` with some settings changed (validated again)."""
+    return replace(cfg, **changes)

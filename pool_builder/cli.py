@@ -1,0 +1,179 @@
+"""``pool-builder``: build a pool, query it, describe it.
+
+Errors caused by input print one line and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import PoolBuilderError
+
+EXIT_USAGE = 2
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="train oracle (or load yours), library and experts into a pool directory")
+    p.add_argument("--out", default="runs/pool", help="pool directory to write (resumes if it holds a partial build)")
+    p.add_argument("--profile", default="quick", help="quick (12k images, ~5 min) or full (all 60k)")
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, cifar10, cifar100 or image_folder")
+    p.add_argument("--data-dir", help="data directory (default for fashion_mnist: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--hierarchy", help="JSON file: primitive task name -> list of class names")
+    p.add_argument("--oracle-file", help="your oracle: TorchScript file, or a state dict with --oracle-arch")
+    p.add_argument("--oracle-arch", help="registered architecture of the oracle to train or load")
+    p.add_argument("--student-arch", help="WRN student whose lower part becomes the library (default wrn_16_1)")
+    for name in ("train-limit", "test-limit", "oracle-epochs", "library-epochs", "expert-epochs", "batch-size",
+                 "seed", "threads"):
+        p.add_argument(f"--{name}", type=int)
+    for name in ("expert-width", "alpha", "temperature", "lr", "expert-lr"):
+        p.add_argument(f"--{name}", type=float)
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], help="dtype of cached library features")
+    p.add_argument("--online", action="store_true", default=None,
+                   help="recompute oracle logits and library features every batch (the authors' loop) instead of caching")
+    p.add_argument("--json", action="store_true", help="print pool.json's content instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("query", help="compose library + experts for composite tasks and evaluate them")
+    p.add_argument("--pool", required=True, help="pool directory")
+    p.add_argument("--tasks", action="append", required=True,
+                   help="comma-separated primitive tasks; repeat for several queries")
+    p.add_argument("--data-dir", help="test data directory (default: the one the pool was built from)")
+    p.add_argument("--test-limit", type=int, help="evaluate on at most this many test images (default: as built)")
+    p.add_argument("--save", help="write the composed model as TorchScript (one query only)")
+    p.add_argument("--no-eval", action="store_true", help="only compose (and --save); no test data needed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a pool and verify its checksums")
+    p.add_argument("--pool", required=True, help="pool directory")
+    p.add_argument("--json", action="store_true", help="print pool.json")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="pool-builder", description="Pool of Experts: build a pool and query it")
+    root.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = root.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_query(sub)
+    _add_info(sub)
+    return root
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_pool, config_for
+    from .report import format_table, pct
+
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in (
+        "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
+        "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
+        "temperature", "lr", "expert_lr", "cache_dtype", "online")}
+    cfg = config_for(args.profile, out=args.out, **overrides)
+    meta = build_pool(cfg, show_progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
+        return 0
+    lib = meta.library.metrics
+    print(f"pool {meta.pool_id} in {args.out}: oracle {meta.oracle.parameters:,} params, "
+          f"test accuracy {pct(meta.oracle.metrics['test_accuracy'])}; library {meta.library.parameters:,} params "
+          f"(student with temporary head: {pct(lib['student_test_accuracy'])})")
+    rows = [[t, len(e.class_ids), e.parameters, pct(e.metrics["accuracy"]), pct(e.metrics["oracle_accuracy"]),
+             f"{100 * (e.metrics['accuracy'] - e.metrics['oracle_accuracy']):+.2f}", e.metrics["mean_abs_logit_gap"],
+             f"{e.metrics['build_seconds']:.1f}"] for t, e in meta.experts.items()]
+    print(format_table(["expert", "classes", "params", "accuracy", "oracle (restricted)", "gap (pts)",
+                        "|logit - oracle|", "build s"], rows))
+    return 0
+
+
+def _test_split(pool: Any, data_dir: str | None, test_limit: int | None):
+    from .data import load_dataset
+
+    settings = pool.meta.build.get("settings", {})
+    dataset = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
+    if tuple(dataset.class_names) != tuple(pool.meta.dataset.class_names):
+        raise PoolBuilderError(f"data set classes {list(dataset.class_names)} differ from the pool's "
+                               f"{pool.meta.dataset.class_names}")
+    limit = test_limit if test_limit is not None else settings.get("test_limit")
+    return dataset.test.stratified(limit, int(settings.get("seed", 0)) + 1)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .consolidate import consolidate, save_composed
+    from .evaluate import Evaluator
+    from .pool import Pool
+    from .report import format_table, pct
+
+    pool = Pool.open(args.pool)
+    queries = [pool.hierarchy.resolve_query(t) for t in args.tasks]
+    if args.save and len(queries) != 1:
+        raise PoolBuilderError(f"--save writes one composed model: give one --tasks, not {len(queries)}")
+    if args.save:
+        saved = save_composed(consolidate(pool, queries[0]), pool, args.save)
+        print(f"composed model for {','.join(queries[0])} saved to {saved} (+ {saved.name}.json)", file=sys.stderr)
+    if args.no_eval:
+        return 0
+    evaluator = Evaluator(pool, _test_split(pool, args.data_dir, args.test_limit))
+    reports = [evaluator.query(q) for q in queries]
+    if args.json:
+        print(json.dumps({"pool_id": pool.meta.pool_id, "queries": [r.to_json() for r in reports]}, indent=2))
+        return 0
+    rows = [[",".join(r.tasks), len(r.classes), r.test_images, pct(r.poe_accuracy), pct(r.oracle_accuracy),
+             f"{r.gap_points:+.2f}", f"{r.poe_parameters:,} / {r.oracle_parameters:,}",
+             f"{r.consolidation_ms:.3f}", pct(r.cross_expert_error_share)] for r in reports]
+    print(format_table(["query", "classes", "test imgs", "PoE acc", "oracle (restricted)", "gap (pts)",
+                        "params PoE / oracle", "consolidation ms", "cross-expert errors"], rows))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .pool import Pool
+    from .report import format_table, pct
+
+    pool = Pool.open(args.pool)
+    pool.verify()
+    meta = pool.meta
+    if args.json:
+        print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
+        return 0
+    print(f"pool {meta.pool_id} ({meta.dataset.name}, {len(meta.dataset.class_names)} classes, "
+          f"input {meta.dataset.input_shape}), created {meta.created}; all checksums verified")
+    rows = [["oracle", "all", meta.oracle.parameters, _size(pool.dir / meta.oracle.file),
+             pct(meta.oracle.metrics.get("test_accuracy", float("nan")))],
+            ["library", "all", meta.library.parameters, _size(pool.dir / meta.library.file),
+             pct(meta.library.metrics.get("student_test_accuracy", float("nan")))]]
+    for task, e in meta.experts.items():
+        names = ", ".join(meta.dataset.class_names[i] for i in e.class_ids)
+        rows.append([f"expert {task}", names, e.parameters, _size(pool.dir / e.file), pct(e.metrics["accuracy"])])
+    print(format_table(["part", "classes", "params", "bytes", "test accuracy"], rows))
+    return 0
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size:,}"
+
+
+COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (PoolBuilderError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"pool-builder: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pool-builder: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

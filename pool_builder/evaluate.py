@@ -1,0 +1,124 @@
+"""How good a composed model is, measured against the oracle restricted to the same classes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .consolidate import consolidate
+from .data import Normalizer, Split
+from .models import count_parameters
+from .pool import Pool
+from .training import run_batched
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, normalizer: Normalizer, batch_size: int = 512) -> np.ndarray:
+    """Float32 logits of ``model`` over uint8 images, in eval batches."""
+    model.eval()
+    parts = [out for _rows, out in run_batched(model, images, normalizer, batch_size, show_progress=False)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def restricted_accuracy(logits: np.ndarray, labels: np.ndarray, class_ids: Sequence[int]) -> float:
+    """Accuracy of argmax over the columns ``class_ids`` of full-width logits."""
+    ids = np.asarray(class_ids)
+    preds = ids[np.argmax(logits[:, ids], axis=1)]
+    return float((preds == labels).mean()) if len(labels) else float("nan")
+
+
+@dataclass
+class ExpertReport:
+    """One expert alone on its task's test images, against the restricted oracle."""
+
+    task: str
+    accuracy: float
+    oracle_accuracy: float
+    mean_abs_logit_gap: float
+    oracle_mean_abs_logit: float
+    parameters: int
+    test_images: int
+
+
+def expert_report(task: str, head: nn.Module, features: torch.Tensor, oracle_logits: np.ndarray,
+                  labels: np.ndarray, class_ids: Sequence[int]) -> ExpertReport:
+    """Score an expert on precomputed library features of the test set (only its classes' images)."""
+    mask = np.isin(labels, class_ids)
+    head.eval()
+    with torch.no_grad():
+        out = head(features[torch.from_numpy(np.flatnonzero(mask))]).numpy()
+    ids = np.asarray(class_ids)
+    target = oracle_logits[mask][:, ids]
+    preds = ids[np.argmax(out, axis=1)]
+    return ExpertReport(task, float((preds == labels[mask]).mean()),
+                        restricted_accuracy(oracle_logits[mask], labels[mask], class_ids),
+                        float(np.abs(out - target).mean()), float(np.abs(target).mean()),
+                        count_parameters(head), int(mask.sum()))
+
+
+@dataclass
+class QueryReport:
+    """PoE on one composite query vs the oracle restricted to the query's classes."""
+
+    tasks: list[str]
+    classes: list[str]
+    test_images: int
+    poe_accuracy: float
+    oracle_accuracy: float
+    gap_points: float
+    poe_parameters: int
+    oracle_parameters: int
+    consolidation_ms: float
+    load_ms: float
+    cross_expert_errors: int
+    errors: int
+    cross_expert_error_share: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Evaluator:
+    """Scores queries on a test split; the oracle runs over it once, not per query."""
+
+    def __init__(self, pool: Pool, test: Split, batch_size: int = 512) -> None:
+        self.pool = pool
+        self.test = test
+        self.batch_size = batch_size
+        self.oracle_logits = predict_logits(pool.oracle(), test.images, pool.normalizer, batch_size)
+
+    def query(self, tasks: str | Sequence[str], repeats: int = 5) -> QueryReport:
+        hierarchy = self.pool.hierarchy
+        names = hierarchy.resolve_query(tasks)
+        start = time.perf_counter()
+        self.pool.library()
+        for task in names:
+            self.pool.expert(task)
+        load_ms = (time.perf_counter() - start) * 1000.0
+        timings = []
+        for _ in range(max(1, repeats)):
+            result = consolidate(self.pool, names)
+            timings.append(result.consolidation_ms)
+        union = result.class_ids
+        mask = np.isin(self.test.labels, union)
+        labels = self.test.labels[mask]
+        logits = predict_logits(result.model, self.test.images[mask], self.pool.normalizer, self.batch_size)
+        preds = np.asarray(union)[np.argmax(logits, axis=1)]
+        wrong = preds != labels
+        owner = hierarchy.task_of_class()
+        cross = int(sum(owner[int(p)] != owner[int(t)] for p, t in zip(preds[wrong], labels[wrong])))
+        poe_acc = float((~wrong).mean()) if len(labels) else float("nan")
+        oracle_acc = restricted_accuracy(self.oracle_logits[mask], labels, union)
+        return QueryReport(
+            tasks=list(names), classes=[self.pool.meta.dataset.class_names[i] for i in union],
+            test_images=int(mask.sum()), poe_accuracy=poe_acc, oracle_accuracy=oracle_acc,
+            gap_points=(poe_acc - oracle_acc) * 100.0, poe_parameters=count_parameters(result.model),
+            oracle_parameters=count_parameters(self.pool.oracle()),
+            consolidation_ms=statistics.median(timings), load_ms=load_ms,
+            cross_expert_errors=cross, errors=int(wrong.sum()),
+            cross_expert_error_share=cross / int(wrong.sum()) if wrong.any() else 0.0)

@@ -1,0 +1,195 @@
+"""Training loops: the oracle (cross-entropy), the library (KD) and experts (CKD).
+
+Teachers are given as *sources*: callables from a batch of row indices (and
+the batch's input tensor) to a tensor.  A cached source slices a memory-mapped
+array; an online source re-runs a network, as the authors' code does.  The
+loops do not know which they got, so cached and online builds train the same
+way on the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .data import Normalizer
+from .errors import PoolBuilderError
+from .losses import ckd_loss, kd_loss
+
+T = TypeVar("T")
+Source = Callable[[np.ndarray, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser settings of one training stage (SGD, Nesterov, cosine schedule)."""
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise PoolBuilderError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise PoolBuilderError(f"batch size must be >= 2 (batch norm), got {self.batch_size}")
+        if self.lr <= 0:
+            raise PoolBuilderError(f"learning rate must be positive, got {self.lr}")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True) -> Iterable[T]:
+    """A tqdm bar on stderr when interactive and tqdm is installed; the plain iterable otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+    """Shuffled index batches; each batch sorted (memory-mapped reads stay local), none of size 1."""
+    if n < 2:
+        raise PoolBuilderError(f"need at least 2 training images, got {n}")
+    order = torch.randperm(n, generator=generator).numpy()
+    batches = [np.sort(order[i:i + batch_size]) for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2] = np.sort(np.concatenate([batches[-2], batches.pop()]))
+    return batches
+
+
+def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, steps: int):
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    warmup = max(1, steps // 30)
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def batched(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive row slices covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+@torch.no_grad()
+def run_batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, normalizer: Normalizer,
+                batch_size: int = 512, dtype: str = "float32", desc: str = "",
+                show_progress: bool = True) -> Iterator[tuple[slice, np.ndarray]]:
+    """``fn`` over uint8 images in eval batches, yielding ``(rows, outputs as numpy)``."""
+    slices = list(batched(len(images), batch_size))
+    for rows in progress(slices, desc, len(slices), show_progress):
+        out = fn(normalizer(images[rows]))
+        yield rows, out.float().contiguous().numpy().astype(dtype, copy=False)
+
+
+def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainConfig,
+         step_loss: Callable[[np.ndarray], torch.Tensor], desc: str, show_progress: bool) -> float:
+    """Generic loop: shuffled batches, SGD + cosine; returns the last epoch's mean loss."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.epochs * len(epoch_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
+    opt, sched = _optimizer(params, cfg, steps)
+    model.train()
+    last = float("nan")
+    for epoch in range(cfg.epochs):
+        total, count = 0.0, 0
+        batches = epoch_batches(n, cfg.batch_size, gen)
+        for idx in progress(batches, f"{desc} {epoch + 1}/{cfg.epochs}", len(batches), show_progress):
+            loss = step_loss(idx)
+            if not torch.isfinite(loss):
+                raise PoolBuilderError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / count
+    model.eval()
+    return last
+
+
+def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = x.clone()
+    x[mask] = x[mask].flip(3)
+    return x
+
+
+def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, normalizer: Normalizer,
+                     cfg: TrainConfig, hflip: bool = True, show_progress: bool = True) -> float:
+    """Cross-entropy training (the oracle, or the from-scratch baseline)."""
+    targets = torch.from_numpy(labels)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def step(idx: np.ndarray) -> torch.Tensor:
+        x = normalizer(images[idx])
+        if hflip:
+            x = _flip(x, aug_gen)
+        return F.cross_entropy(model(x), targets[idx])
+
+    return _fit(model, model.parameters(), len(images), cfg, step, "oracle", show_progress)
+
+
+def distill_student(student: nn.Module, images: np.ndarray, normalizer: Normalizer, teacher: Source,
+                    cfg: TrainConfig, temperature: float, show_progress: bool = True) -> float:
+    """Plain KD on all classes: how the library (with a temporary full head) is trained."""
+
+    def step(idx: np.ndarray) -> torch.Tensor:
+        x = normalizer(images[idx])
+        return kd_loss(student(x), teacher(idx, x), temperature)
+
+    return _fit(student, student.parameters(), len(images), cfg, step, "library", show_progress)
+
+
+def extract_expert(head: nn.Module, n: int, features: Source, oracle_logits: Source, class_ids: tuple[int, ...],
+                   cfg: TrainConfig, temperature: float, alpha: float, desc: str = "expert",
+                   show_progress: bool = True) -> float:
+    """Conditional KD of one expert on the frozen library's features, all ``n`` training images."""
+    if alpha < 0:
+        raise PoolBuilderError(f"alpha must be >= 0, got {alpha}")
+    cols = torch.tensor(class_ids, dtype=torch.long)
+
+    def step(idx: np.ndarray) -> torch.Tensor:
+        feats = features(idx, None)
+        target = oracle_logits(idx, None).index_select(1, cols)
+        return ckd_loss(head(feats), target, temperature, alpha).total
+
+    return _fit(head, head.parameters(), n, cfg, step, desc, show_progress)
+
+
+# --------------------------------------------------------------------------- teacher sources
+
+def cached_source(array: np.ndarray) -> Source:
+    """Rows of a (memory-mapped) cache as float32 tensors."""
+
+    def source(idx: np.ndarray, _x: torch.Tensor | None) -> torch.Tensor:
+        out = torch.from_numpy(np.asarray(array[idx], dtype=np.float32))
+        return out.contiguous(memory_format=torch.channels_last) if out.ndim == 4 else out
+
+    return source
+
+
+def online_source(net: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, normalizer: Normalizer,
+                  half: bool = False) -> Source:
+    """Re-run a frozen network on every batch (the authors' online loop)."""
+
+    def source(idx: np.ndarray, x: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            out = net(normalizer(images[idx]) if x is None else x)
+        return out.half().float() if half else out
+
+    return source

@@ -1,0 +1,67 @@
+"""Shared fixtures: a few hundred real Fashion-MNIST images and a tiny pool built from them once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+# Tiny but real: every stage of the method on 600 training images.
+TINY_BUILD = dict(train_limit=600, test_limit=300, oracle_arch="wrn_10_1", oracle_epochs=2, student_arch="wrn_16_1",
+                  library_epochs=2, expert_epochs=3, batch_size=64, threads=2)
+
+
+def tiny_cli_args(skip: tuple[str, ...] = ()) -> list[str]:
+    """The same tiny build as CLI flags (for subprocess tests), less the settings in ``skip``."""
+    args = []
+    for key, value in TINY_BUILD.items():
+        if key not in skip:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + ["--data-dir", str(FMNIST_DIR), "--no-progress"]
+
+
+def run_cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pin_threads():
+    import torch
+
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def fmnist_small():
+    from pool_builder.data import load_dataset
+
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST missing in {FMNIST_DIR}: `make test` installs dataset-fashion-mnist")
+    return load_dataset("fashion_mnist", FMNIST_DIR).limited(600, 300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pool_dir(tmp_path_factory) -> Path:
+    from pool_builder.build import build_pool, config_for
+
+    out = tmp_path_factory.mktemp("pool") / "tiny"
+    build_pool(config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **TINY_BUILD),
+               log=lambda m: print(m, file=sys.stderr), show_progress=False)
+    return out
+
+
+@pytest.fixture
+def pool_copy(tiny_pool_dir, tmp_path) -> Path:
+    """A private copy of the tiny pool that a test may damage."""
+    dest = tmp_path / "pool"
+    shutil.copytree(tiny_pool_dir, dest, ignore=shutil.ignore_patterns("cache"))
+    return dest

@@ -1,0 +1,24 @@
+"""The device package must not pull in torch, tensorflow or the server-side packages."""
+
+import subprocess
+import sys
+
+from ..conftest import ROOT, run_cli_env
+
+HEAVY = ("torch", "tensorflow", "pool_builder", "converters")
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(','.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=run_cli_env(), cwd=ROOT).stdout
+    return set(out.strip().split(","))
+
+
+def test_edge_runtime_imports_nothing_heavy():
+    modules = _imported_after("import edge_runtime, edge_runtime.atomic_io")
+    assert not {m for m in modules if m.split(".")[0] in HEAVY}
+
+
+def test_pool_builder_package_import_is_cheap():
+    assert "torch" not in _imported_after("import pool_builder")
