@@ -92,9 +92,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # ~5 min of compute on 2 cores: a 12k-image stratified subset, short schedules.
     "quick": dict(train_limit=12000, test_limit=5000, oracle_arch="wrn_16_2", oracle_epochs=3,
                   library_epochs=6, expert_epochs=15),
-    # All 60k training and 10k test images.
-    "full": dict(train_limit=None, test_limit=None, oracle_arch="wrn_16_2", oracle_epochs=8,
-                 library_epochs=10, expert_epochs=20),
+    # All 60k training and 10k test images (~40 min on 2 cores).
+    "full": dict(train_limit=None, test_limit=None, oracle_arch="wrn_16_2", oracle_epochs=6,
+                 library_epochs=8, expert_epochs=15),
 }
 
 

@@ -91,21 +91,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_split(pool: Any, data_dir: str | None, test_limit: int | None):
-    from .data import load_dataset
-
-    settings = pool.meta.build.get("settings", {})
-    dataset = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
-    if tuple(dataset.class_names) != tuple(pool.meta.dataset.class_names):
-        raise PoolBuilderError(f"data set classes {list(dataset.class_names)} differ from the pool's "
-                               f"{pool.meta.dataset.class_names}")
-    limit = test_limit if test_limit is not None else settings.get("test_limit")
-    return dataset.test.stratified(limit, int(settings.get("seed", 0)) + 1)
-
-
 def cmd_query(args: argparse.Namespace) -> int:
     from .consolidate import consolidate, save_composed
-    from .evaluate import Evaluator
+    from .evaluate import Evaluator, held_out_split
     from .pool import Pool
     from .report import format_table, pct
 
@@ -118,7 +106,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(f"composed model for {','.join(queries[0])} saved to {saved} (+ {saved.name}.json)", file=sys.stderr)
     if args.no_eval:
         return 0
-    evaluator = Evaluator(pool, _test_split(pool, args.data_dir, args.test_limit))
+    evaluator = Evaluator(pool, held_out_split(pool, args.data_dir, args.test_limit))
     reports = [evaluator.query(q) for q in queries]
     if args.json:
         print(json.dumps({"pool_id": pool.meta.pool_id, "queries": [r.to_json() for r in reports]}, indent=2))

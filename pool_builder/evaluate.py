@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .consolidate import consolidate
-from .data import Normalizer, Split
+from .data import Normalizer, Split, load_dataset
+from .errors import PoolBuilderError
 from .models import count_parameters
 from .pool import Pool
 from .training import run_batched
@@ -122,3 +123,14 @@ class Evaluator:
             consolidation_ms=statistics.median(timings), load_ms=load_ms,
             cross_expert_errors=cross, errors=int(wrong.sum()),
             cross_expert_error_share=cross / int(wrong.sum()) if wrong.any() else 0.0)
+
+
+def held_out_split(pool: Pool, data_dir: str | None = None, test_limit: int | None = None) -> Split:
+    """The test images a pool was evaluated on at build time (same data set, limit and seed) unless overridden."""
+    settings = pool.meta.build.get("settings", {})
+    dataset = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
+    if tuple(dataset.class_names) != tuple(pool.meta.dataset.class_names):
+        raise PoolBuilderError(f"data set classes {list(dataset.class_names)} differ from the pool's "
+                               f"{pool.meta.dataset.class_names}")
+    limit = test_limit if test_limit is not None else settings.get("test_limit")
+    return dataset.test.stratified(limit, int(settings.get("seed", 0)) + 1)

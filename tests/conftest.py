@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 # Tiny but real: every stage of the method on 600 training images.
-TINY_BUILD = dict(train_limit=600, test_limit=300, oracle_arch="wrn_10_1", oracle_epochs=2, student_arch="wrn_16_1",
-                  library_epochs=2, expert_epochs=3, batch_size=64, threads=2)
+TINY_BUILD = dict(train_limit=600, test_limit=300, oracle_arch="wrn_10_1", oracle_epochs=6, student_arch="wrn_16_1",
+                  library_epochs=8, expert_epochs=20, batch_size=32, threads=2)
 
 
 def tiny_cli_args(skip: tuple[str, ...] = ()) -> list[str]:

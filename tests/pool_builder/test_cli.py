@@ -16,8 +16,9 @@ from ..conftest import FMNIST_DIR, ROOT, run_cli_env, tiny_cli_args
 def _one_line_error(capsys, argv, expected):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pool-builder: error:"), err
-    assert expected in err[0], err[0]
+    errors = [line for line in err if line.startswith("pool-builder: error:")]
+    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in "\n".join(err), err
+    assert expected in errors[0], errors[0]
 
 
 def test_query_bad_tasks(capsys, tiny_pool_dir):
