@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 import zlib
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edge_runtime.atomic_io import atomic_write_json, sha256_file
+from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 from .cache import CACHE_DTYPES, cached_array
 from .data import Dataset, Normalizer, load_dataset
@@ -250,10 +249,9 @@ class PoolBuild:
             if cfg.oracle_file:
                 model, arch = load_user_oracle(cfg.oracle_file, cfg.oracle_arch, data.input_shape, data.num_classes)
                 if arch["kind"] == "torchscript":
-                    name = "oracle.torchscript.pt"
-                    torch.jit.save(model, str(self.out / f".{name}.tmp"))
-                    os.replace(self.out / f".{name}.tmp", self.out / name)
-                    sha = sha256_file(self.out / name)
+                    name, data_bytes = "oracle.torchscript.pt", Path(cfg.oracle_file).read_bytes()
+                    atomic_write_bytes(self.out / name, data_bytes)
+                    sha = sha256_bytes(data_bytes)
                 else:
                     name, sha = "oracle.pt", save_state_dict(model, self.out / "oracle.pt")
                 return StageRecord(fingerprint, name, sha, arch, count_parameters(model), 0.0, {"source": "user"})

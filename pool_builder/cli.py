@@ -113,9 +113,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
     rows = [[",".join(r.tasks), len(r.classes), r.test_images, pct(r.poe_accuracy), pct(r.oracle_accuracy),
              f"{r.gap_points:+.2f}", f"{r.poe_parameters:,} / {r.oracle_parameters:,}",
-             f"{r.consolidation_ms:.3f}", pct(r.cross_expert_error_share)] for r in reports]
+             f"{r.consolidation_ms:.3f}", f"{r.load_ms:.1f}", pct(r.cross_expert_error_share)] for r in reports]
     print(format_table(["query", "classes", "test imgs", "PoE acc", "oracle (restricted)", "gap (pts)",
-                        "params PoE / oracle", "consolidation ms", "cross-expert errors"], rows))
+                        "params PoE / oracle", "consolidation ms", "load ms", "cross-expert errors"], rows))
+    print("consolidation: composing library + experts already in memory (median of 5); load: first read of their "
+          "files from disk with sha256 checks (0 when an earlier query loaded them)")
     return 0
 
 

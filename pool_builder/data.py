@@ -19,11 +19,14 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .errors import DataNotFoundError, PoolBuilderError, unknown_name
+
+if TYPE_CHECKING:  # torch is imported lazily so that reading data stays cheap
+    import torch
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -302,7 +305,7 @@ class Normalizer:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __call__(self, images: np.ndarray) -> "torch.Tensor":  # noqa: F821 - torch imported lazily
+    def __call__(self, images: np.ndarray) -> "torch.Tensor":
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)

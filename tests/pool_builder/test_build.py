@@ -91,6 +91,11 @@ def test_changed_setting_rebuilds_only_what_depends_on_it(pool_copy, tiny_pool_d
     assert "[library] done earlier, reusing library.pt" in logs
     assert sum(line.startswith("[expert-") and line.endswith("running") for line in logs) == 4
     assert json.loads((pool_copy / "pool.json").read_text())["build"]["settings"]["alpha"] == 0.0
+    # without L_scale the experts drift away from the oracle's logit values (only their softmax is fitted)
+    with_scale, without = Pool.open(tiny_pool_dir).meta.experts, Pool.open(pool_copy).meta.experts
+    gaps = {t: (with_scale[t].metrics["mean_abs_logit_gap"], without[t].metrics["mean_abs_logit_gap"])
+            for t in with_scale}
+    assert all(a < b for a, b in gaps.values()), gaps
 
 
 def test_tampered_weights_are_refused(pool_copy):
@@ -134,3 +139,23 @@ def test_cache_files_are_memory_mappable_and_match_records(tiny_pool_dir):
     feats = np.load(tiny_pool_dir / "cache" / "library_features.npy", mmap_mode="r")
     record = json.loads((tiny_pool_dir / "cache" / "library_features.json").read_text())
     assert list(feats.shape) == record["shape"] == [600, 32, 14, 14] and record["dtype"] == "float16"
+
+
+def test_expert_extraction_is_reproducible_with_a_seed(tiny_pool_dir):
+    from pool_builder.models import build_expert_head
+    from pool_builder.training import TrainConfig, cached_source, extract_expert
+
+    feats = np.load(tiny_pool_dir / "cache" / "library_features.npy", mmap_mode="r")
+    logits = np.load(tiny_pool_dir / "cache" / "oracle_logits.npy", mmap_mode="r")
+    student = Pool.open(tiny_pool_dir).library().cfg
+
+    def extract(seed):
+        torch.manual_seed(seed)
+        head = build_expert_head(student, 0.25, 3)
+        extract_expert(head, len(feats), cached_source(feats), cached_source(logits), (5, 7, 9),
+                       TrainConfig(epochs=1, batch_size=32, seed=seed), 4.0, 0.3, show_progress=False)
+        return head.state_dict()
+
+    a, b, c = extract(3), extract(3), extract(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
