@@ -32,7 +32,7 @@ from .evaluate import ExpertReport, expert_report, predict_logits
 from .hierarchy import TaskHierarchy
 from .models import Library, WideResNet, build_expert_head, count_parameters, create_model, list_models
 from .pool_format import DatasetInfo, ExpertEntry, ModelEntry, PoolMetadata, write_pool_json
-from .training import (TrainConfig, cached_source, distill_student, extract_expert, online_source,
+from .training import (Checkpoint, TrainConfig, cached_source, distill_student, extract_expert, online_source,
                        run_batched, train_classifier)
 from .weights import load_module, load_user_oracle, save_state_dict
 
@@ -170,15 +170,21 @@ class PoolBuild:
             self.reused.append(stage)
             return record
         self._record_path(stage).unlink(missing_ok=True)
-        self.log(f"[{stage}] running")
+        partial = self._checkpoint(stage, fingerprint).load()
+        self.log(f"[{stage}] running" + (f" (resuming after epoch {partial['epoch']})" if partial else ""))
         start = time.perf_counter()
         record = run()
         record.seconds = round(time.perf_counter() - start, 2)
+        self._checkpoint(stage, fingerprint).remove()
         self.ran.append(stage)
         self.log(f"[{stage}] finished in {record.seconds:.1f}s {json.dumps(record.metrics, sort_keys=True)}")
         return self._commit(stage, record)
 
     # ------------------------------------------------------------------ helpers
+    def _checkpoint(self, stage: str, fingerprint: str) -> Checkpoint:
+        """Per-epoch progress of a stage that is still running (removed when it finishes)."""
+        return Checkpoint(self.stages_dir / f"{stage}.epoch.pt", fingerprint)
+
     def _train_cfg(self, epochs: int, lr: float, offset: int) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.cfg.batch_size, lr=lr, seed=self.cfg.seed * 7919 + offset)
 
@@ -258,7 +264,8 @@ class PoolBuild:
             self._seed(1)
             model = create_model(cfg.oracle_arch, in_channels=data.input_shape[0], num_classes=data.num_classes)
             loss = train_classifier(model, data.train.images, data.train.labels, normalizer,
-                                    self._train_cfg(cfg.oracle_epochs, cfg.lr * 2, 1), show_progress=self.show_progress)
+                                    self._train_cfg(cfg.oracle_epochs, cfg.lr * 2, 1), show_progress=self.show_progress,
+                                    checkpoint=self._checkpoint("oracle", fingerprint))
             arch = {"kind": "registry", "name": cfg.oracle_arch, "in_channels": data.input_shape[0],
                     "num_classes": data.num_classes}
             sha = save_state_dict(model, self.out / "oracle.pt")
@@ -284,7 +291,7 @@ class PoolBuild:
                        else cached_source(train_logits))
             loss = distill_student(student, data.train.images, normalizer, teacher,
                                    self._train_cfg(cfg.library_epochs, cfg.lr, 2), cfg.temperature,
-                                   show_progress=self.show_progress)
+                                   show_progress=self.show_progress, checkpoint=self._checkpoint("library", fingerprint))
             student_logits = predict_logits(student, data.test.images, normalizer)
             arch = {"kind": "wrn_library", "student": asdict(student.cfg), "student_arch": cfg.student_arch}
             sha = save_state_dict(student.library, self.out / "library.pt")
@@ -318,7 +325,8 @@ class PoolBuild:
                 feat_src, logit_src = cached_source(features), cached_source(train_logits)
             loss = extract_expert(head, len(data.train), feat_src, logit_src, class_ids,
                                   self._train_cfg(cfg.expert_epochs, cfg.expert_lr, offset), cfg.temperature,
-                                  cfg.alpha, desc=f"expert {task}", show_progress=self.show_progress)
+                                  cfg.alpha, desc=f"expert {task}", show_progress=self.show_progress,
+                                  checkpoint=self._checkpoint(f"expert-{task}", fingerprint))
             report: ExpertReport = expert_report(task, head, test_features, test_logits, data.test.labels, class_ids)
             arch = {"kind": "wrn_expert", "student": asdict(student_cfg), "width_factor": cfg.expert_width,
                     "num_outputs": len(class_ids)}

@@ -9,15 +9,19 @@ way on the same batches.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from edge_runtime.atomic_io import atomic_write_bytes
 
 from .data import Normalizer
 from .errors import PoolBuilderError
@@ -65,7 +69,8 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[n
     order = torch.randperm(n, generator=generator).numpy()
     batches = [np.sort(order[i:i + batch_size]) for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2] = np.sort(np.concatenate([batches[-2], batches.pop()]))
+        last = batches.pop()
+        batches[-1] = np.sort(np.concatenate([batches[-1], last]))
     return batches
 
 
@@ -96,17 +101,56 @@ def run_batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, 
         yield rows, out.float().contiguous().numpy().astype(dtype, copy=False)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a stage saves its progress after every epoch, and the fingerprint it must match to be resumed."""
+
+    path: Path
+    fingerprint: str
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # a checkpoint that cannot be read is simply not used
+            return None
+        return state if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save({**state, "fingerprint": self.fingerprint}, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainConfig,
-         step_loss: Callable[[np.ndarray], torch.Tensor], desc: str, show_progress: bool) -> float:
-    """Generic loop: shuffled batches, SGD + cosine; returns the last epoch's mean loss."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+         step_loss: Callable[[np.ndarray], torch.Tensor], desc: str, show_progress: bool,
+         checkpoint: Checkpoint | None = None, generators: dict[str, torch.Generator] | None = None) -> float:
+    """Generic loop: shuffled batches, SGD + cosine; returns the last epoch's mean loss.
+
+    With a ``checkpoint`` the model, optimiser, schedule and random generators are
+    saved after every epoch, and a matching checkpoint is resumed from, so that
+    an interrupted stage continues where it stopped and ends with the same weights.
+    """
+    gens = {"shuffle": torch.Generator().manual_seed(cfg.seed), **(generators or {})}
     steps = cfg.epochs * len(epoch_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
     opt, sched = _optimizer(params, cfg, steps)
+    start, last = 0, float("nan")
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        for name, gen in gens.items():
+            gen.set_state(saved["generators"][name])
+        start, last = int(saved["epoch"]), float(saved["loss"])
     model.train()
-    last = float("nan")
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         total, count = 0.0, 0
-        batches = epoch_batches(n, cfg.batch_size, gen)
+        batches = epoch_batches(n, cfg.batch_size, gens["shuffle"])
         for idx in progress(batches, f"{desc} {epoch + 1}/{cfg.epochs}", len(batches), show_progress):
             loss = step_loss(idx)
             if not torch.isfinite(loss):
@@ -118,6 +162,10 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / count
+        if checkpoint and epoch + 1 < cfg.epochs:
+            checkpoint.save({"epoch": epoch + 1, "loss": last, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "generators": {k: g.get_state() for k, g in gens.items()}})
     model.eval()
     return last
 
@@ -130,7 +178,8 @@ def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, normalizer: Normalizer,
-                     cfg: TrainConfig, hflip: bool = True, show_progress: bool = True) -> float:
+                     cfg: TrainConfig, hflip: bool = True, show_progress: bool = True,
+                     checkpoint: Checkpoint | None = None) -> float:
     """Cross-entropy training (the oracle, or the from-scratch baseline)."""
     targets = torch.from_numpy(labels)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -141,23 +190,25 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, n
             x = _flip(x, aug_gen)
         return F.cross_entropy(model(x), targets[idx])
 
-    return _fit(model, model.parameters(), len(images), cfg, step, "oracle", show_progress)
+    return _fit(model, model.parameters(), len(images), cfg, step, "oracle", show_progress, checkpoint,
+                {"augment": aug_gen})
 
 
 def distill_student(student: nn.Module, images: np.ndarray, normalizer: Normalizer, teacher: Source,
-                    cfg: TrainConfig, temperature: float, show_progress: bool = True) -> float:
+                    cfg: TrainConfig, temperature: float, show_progress: bool = True,
+                    checkpoint: Checkpoint | None = None) -> float:
     """Plain KD on all classes: how the library (with a temporary full head) is trained."""
 
     def step(idx: np.ndarray) -> torch.Tensor:
         x = normalizer(images[idx])
         return kd_loss(student(x), teacher(idx, x), temperature)
 
-    return _fit(student, student.parameters(), len(images), cfg, step, "library", show_progress)
+    return _fit(student, student.parameters(), len(images), cfg, step, "library", show_progress, checkpoint)
 
 
 def extract_expert(head: nn.Module, n: int, features: Source, oracle_logits: Source, class_ids: tuple[int, ...],
                    cfg: TrainConfig, temperature: float, alpha: float, desc: str = "expert",
-                   show_progress: bool = True) -> float:
+                   show_progress: bool = True, checkpoint: Checkpoint | None = None) -> float:
     """Conditional KD of one expert on the frozen library's features, all ``n`` training images."""
     if alpha < 0:
         raise PoolBuilderError(f"alpha must be >= 0, got {alpha}")
@@ -168,7 +219,7 @@ def extract_expert(head: nn.Module, n: int, features: Source, oracle_logits: Sou
         target = oracle_logits(idx, None).index_select(1, cols)
         return ckd_loss(head(feats), target, temperature, alpha).total
 
-    return _fit(head, head.parameters(), n, cfg, step, desc, show_progress)
+    return _fit(head, head.parameters(), n, cfg, step, desc, show_progress, checkpoint)
 
 
 # --------------------------------------------------------------------------- teacher sources
