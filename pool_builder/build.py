@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -193,10 +195,17 @@ class PoolBuild:
 
     # ------------------------------------------------------------------ stages
     def run(self) -> PoolMetadata:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with exclusive_build_lock(self.out):
+            removed = remove_stale_temporaries(self.out)
+            if removed:
+                self.log(f"removed {removed} temporary file(s) left by an interrupted build")
+            return self._run()
+
+    def _run(self) -> PoolMetadata:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.out.mkdir(parents=True, exist_ok=True)
         full = load_dataset(cfg.dataset, cfg.data_dir)
         data = full.limited(cfg.train_limit, cfg.test_limit, cfg.seed)
         hierarchy = (TaskHierarchy.from_json(cfg.hierarchy, data.class_names) if cfg.hierarchy
@@ -359,6 +368,36 @@ class PoolBuild:
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
                    "torch": torch.__version__})
 
+
+
+@contextmanager
+def exclusive_build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.build.lock``; a second concurrent build fails at once."""
+    import fcntl
+
+    with open(out / ".build.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise PoolBuilderError(f"another build is writing {out} (pid {handle.read().strip() or '?'}); "
+                                   "wait for it or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete ``.<name>.<random>.tmp`` files that a killed build left (safe under the build lock)."""
+    stale = [p for p in out.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def build_pool(cfg: BuildConfig, log: Log = _stderr, show_progress: bool = True) -> PoolMetadata:

@@ -116,3 +116,16 @@ def test_user_oracles_torchscript_and_state_dict(tmp_path, tiny_pool_dir):
                  "--library-epochs", "1", "--expert-epochs", "1"]) == 0
     meta = json.loads((tmp_path / "sd" / "pool.json").read_text())
     assert meta["oracle"]["architecture"]["name"] == "wrn_10_1"
+
+
+def test_concurrent_build_into_the_same_directory_is_refused(capsys, tmp_path):
+    import fcntl
+
+    out = tmp_path / "p"
+    out.mkdir()
+    with open(out / ".build.lock", "a+") as held:
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _one_line_error(capsys, ["build", "--out", str(out), "--data-dir", str(FMNIST_DIR)],
+                        "another build is writing")

@@ -16,31 +16,38 @@ def _build(out, log):
                             stdout=subprocess.DEVNULL, stderr=log, env=run_cli_env(), cwd=ROOT)
 
 
-def test_sigkill_mid_build_then_resume(tmp_path):
-    out = tmp_path / "pool"
-    first_log = tmp_path / "first.log"
-    with open(first_log, "w") as log:
+def _kill_when(out, marker, log_path):
+    """Start a build and SIGKILL it as soon as ``out/marker`` exists."""
+    with open(log_path, "w") as log:
         proc = _build(out, log)
         deadline = time.monotonic() + 300
-        # kill while the experts are being extracted: after the library's record appears
-        while not (out / "stages" / "library.json").exists():
-            assert proc.poll() is None, first_log.read_text()
-            assert time.monotonic() < deadline, "build did not reach the library stage"
+        while not (out / marker).exists():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"build never wrote {marker}"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (out / "pool.json").exists()
+    return log_path.read_text()
 
-    second_log = tmp_path / "second.log"
-    with open(second_log, "w") as log:
-        assert _build(out, log).wait(timeout=300) == 0, second_log.read_text()
-    text = second_log.read_text()
+
+def test_sigkill_mid_build_then_resume(tmp_path):
+    out = tmp_path / "pool"
+    # 1. killed inside the oracle's training, after its first epoch checkpoint
+    _kill_when(out, "stages/oracle.epoch.pt", tmp_path / "first.log")
+    # 2. resumes the oracle from that epoch, killed once the library is finished
+    second = _kill_when(out, "stages/library.json", tmp_path / "second.log")
+    assert "[oracle] running (resuming after epoch" in second
+    assert not (out / "pool.json").exists()
+    # 3. finishes without redoing oracle or library
+    third_log = tmp_path / "third.log"
+    with open(third_log, "w") as log:
+        assert _build(out, log).wait(timeout=300) == 0, third_log.read_text()
+    text = third_log.read_text()
     assert "[oracle] done earlier" in text and "[library] done earlier" in text
     assert "[oracle] running" not in text and "[library] running" not in text
     assert "cache oracle_logits.npy: reusing" in text
     Pool.open(out).verify()
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == []
+    assert [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".epoch.pt")] == []
 
 
 def test_killed_while_writing_leaves_no_finished_looking_file(tmp_path):
