@@ -254,6 +254,9 @@ class PoolBuild:
     def _oracle(self, data: Dataset, normalizer: Normalizer, data_fp: str) -> tuple[StageRecord, torch.nn.Module]:
         cfg = self.cfg
         if cfg.oracle_file:
+            if not Path(cfg.oracle_file).is_file():
+                raise PoolBuilderError(f"oracle file {cfg.oracle_file} not found (--oracle-file takes a TorchScript "
+                                       "file, or a state dict together with --oracle-arch NAME)")
             user_sha = sha256_file(cfg.oracle_file)
             fingerprint = _fingerprint("user", user_sha, cfg.oracle_arch)
         else:
