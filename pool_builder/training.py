@@ -74,6 +74,12 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[n
     return batches
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches :func:`epoch_batches` yields (a last batch of one image is merged)."""
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
 def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, steps: int):
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     warmup = max(1, steps // 30)
@@ -136,7 +142,7 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
     an interrupted stage continues where it stopped and ends with the same weights.
     """
     gens = {"shuffle": torch.Generator().manual_seed(cfg.seed), **(generators or {})}
-    steps = cfg.epochs * len(epoch_batches(n, cfg.batch_size, torch.Generator().manual_seed(0)))
+    steps = cfg.epochs * batches_per_epoch(n, cfg.batch_size)
     opt, sched = _optimizer(params, cfg, steps)
     start, last = 0, float("nan")
     saved = checkpoint.load() if checkpoint else None

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pool_builder.models import WRNConfig, build_expert_head
-from pool_builder.training import Checkpoint, TrainConfig, cached_source, epoch_batches, extract_expert
+from pool_builder.training import (Checkpoint, TrainConfig, batches_per_epoch, cached_source, epoch_batches,
+                                   extract_expert)
 
 
 class _Interrupt(Exception):
@@ -56,5 +57,7 @@ def test_checkpoint_of_another_stage_is_ignored(tmp_path):
 
 def test_epoch_batches_cover_every_index_once_and_avoid_singletons():
     batches = epoch_batches(65, 32, torch.Generator().manual_seed(0))
+    assert len(batches) == batches_per_epoch(65, 32) == 2
+    assert [batches_per_epoch(n, 32) for n in (2, 32, 33, 64, 66)] == [1, 1, 1, 2, 3]
     assert sorted(np.concatenate(batches).tolist()) == list(range(65))
     assert min(len(b) for b in batches) >= 2 and all((np.diff(b) > 0).all() for b in batches)
