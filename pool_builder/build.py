@@ -17,7 +17,7 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -406,8 +406,3 @@ def remove_stale_temporaries(out: Path) -> int:
 def build_pool(cfg: BuildConfig, log: Log = _stderr, show_progress: bool = True) -> PoolMetadata:
     """Build (or resume building) the pool described by ``cfg``."""
     return PoolBuild(cfg, log, show_progress).run()
-
-
-def with_overrides(cfg: BuildConfig, **changes: Any) -> BuildConfig:
-    """A copy of ``cfg`` with some settings changed (validated again)."""
-    return replace(cfg, **changes)

@@ -69,10 +69,6 @@ class Split:
         picked = np.sort(np.concatenate(chosen))
         return self.subset(picked)
 
-    def with_classes(self, class_ids: list[int]) -> "Split":
-        """Only the images whose label is in ``class_ids``."""
-        return self.subset(np.flatnonzero(np.isin(self.labels, class_ids)))
-
 
 @dataclass
 class Dataset:

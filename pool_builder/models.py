@@ -9,7 +9,7 @@ and a task-sized linear head (Kim & Choi, SIGMOD 2021, Section 4).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -181,13 +181,6 @@ def create_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
     return factory(in_channels=in_channels, num_classes=num_classes, **defaults)
 
 
-def architecture_config(name: str) -> dict[str, Any]:
-    """The keyword defaults a registered architecture was registered with."""
-    if name not in _REGISTRY:
-        raise unknown_name("architecture", name, list_models())
-    return dict(_REGISTRY[name][1])
-
-
 def _wrn(*, depth: int, widen_factor: float, in_channels: int, num_classes: int) -> WideResNet:
     return WideResNet(WRNConfig(depth, widen_factor, in_channels, num_classes))
 
@@ -195,10 +188,3 @@ def _wrn(*, depth: int, widen_factor: float, in_channels: int, num_classes: int)
 for _depth in (10, 16, 22, 28):
     for _k in (1, 2, 4, 8):
         register_model(f"wrn_{_depth}_{_k}", _wrn, depth=_depth, widen_factor=float(_k))
-
-
-def wrn_config_of(model: nn.Module) -> dict[str, Any]:
-    """JSON-ready description of a WideResNet's shape."""
-    if not isinstance(model, WideResNet):
-        raise PoolBuilderError(f"expected a WideResNet, got {type(model).__name__}")
-    return asdict(model.cfg)
