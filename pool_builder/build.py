@@ -27,6 +27,7 @@ import torch
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
+from . import __version__
 from .cache import CACHE_DTYPES, cached_array
 from .data import Dataset, Normalizer, load_dataset
 from .errors import PoolBuilderError, unknown_name
@@ -213,7 +214,8 @@ class PoolBuild:
         normalizer = Normalizer(data.mean, data.std)
         self.log(f"data: {cfg.dataset} {len(data.train)} train / {len(data.test)} test images "
                  f"{data.input_shape}, tasks: {', '.join(hierarchy.task_names)}")
-        data_fp = _fingerprint(cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
+        # every stage's fingerprint includes this one, so a new pool_builder version rebuilds everything
+        data_fp = _fingerprint(__version__, cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
                                hashlib.sha256(data.train.labels).hexdigest(), data.mean, data.std)
 
         oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
@@ -369,7 +371,7 @@ class PoolBuild:
                                 list(data.std)),
             tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
-                   "torch": torch.__version__})
+                   "pool_builder": __version__, "torch": torch.__version__})
 
 
 
