@@ -1,5 +1,7 @@
-"""Pool -> device fragments (ONNX, TFLite) with a verified manifest.
+"""Pool -> device fragments: ONNX fp32/int8 and TFLite fp32/fp16/int8 with a verified manifest.
 
-Not implemented yet: see the converters issue.  This package may import
-``pool_builder``; ``edge_runtime`` must never import it.
+``poe-convert export`` converts, checks and measures every fragment against
+its torch source and publishes the directory only when every gate passes;
+``poe-convert fuse`` builds one ONNX file per query from ONNX fragments.  This
+package may import ``pool_builder``; ``edge_runtime`` must never import it.
 """

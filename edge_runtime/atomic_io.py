@@ -98,3 +98,34 @@ def commit_sibling(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) ->
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(Path(path).parent)
+
+
+class LockBusyError(RuntimeError):
+    """Another process holds the lock; ``pid`` is what it wrote into the lock file."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(f"locked by pid {pid}")
+        self.pid = pid
+
+
+@contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an flock on ``lock_path`` (created if needed); a second holder fails at once."""
+    import fcntl
+
+    path = Path(lock_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockBusyError(handle.read().strip() or "?") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

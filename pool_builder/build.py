@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from edge_runtime.atomic_io import (LockBusyError, atomic_write_bytes, atomic_write_json, exclusive_lock, sha256_bytes,
+                                    sha256_file)
 
 from . import __version__
 from .cache import CACHE_DTYPES, cached_array
@@ -378,23 +379,12 @@ class PoolBuild:
 @contextmanager
 def exclusive_build_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out/.build.lock``; a second concurrent build fails at once."""
-    import fcntl
-
-    with open(out / ".build.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise PoolBuilderError(f"another build is writing {out} (pid {handle.read().strip() or '?'}); "
-                                   "wait for it or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
+    try:
+        with exclusive_lock(out / ".build.lock"):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockBusyError as busy:
+        raise PoolBuilderError(f"another build is writing {out} (pid {busy.pid}); "
+                               "wait for it or choose another --out") from None
 
 
 def remove_stale_temporaries(out: Path) -> int:
