@@ -14,9 +14,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch is pinned to the CPU build first; the extras then find it already satisfied.
+# The convert extra pins onnx2tf's exact toolchain (tensorflow 2.19, numpy 1.26): ~3.4 GB in all.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[builder,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,6 +31,9 @@ dataset:
 demo: venv dataset
 	$(BIN)/pool-builder build --profile quick --out $(DEMO)/pool
 	$(BIN)/pool-builder query --pool $(DEMO)/pool --tasks footwear,tops --tasks bottoms,bags --tasks tops,bottoms,footwear
+	$(BIN)/poe-convert export --pool $(DEMO)/pool --out $(DEMO)/fragments --overwrite \
+	  --query footwear,tops --query bottoms,bags --query tops,bottoms,footwear --summary $(DEMO)/convert_summary.json
+	$(BIN)/poe-convert fuse --fragments $(DEMO)/fragments --tasks footwear,tops --out $(DEMO)/footwear_tops.onnx
 
 test: venv dataset
 	$(BIN)/python -m pytest -q tests
