@@ -239,8 +239,11 @@ class Export:
         per_channel = scheme.per_channel if scheme is not None else True
         key = (task, per_channel)
         if key not in self._tflite_runs:
+            t0 = time.perf_counter()
             self._tflite_runs[key] = convert_with_onnx2tf(source, self._calibration_for(task, "NHWC"), per_channel,
                                                           keep_nhwc_input=task is not None)
+            self.log(f"  onnx2tf {'library' if task is None else 'expert ' + task} "
+                     f"({'per-channel' if per_channel else 'per-tensor'}): {time.perf_counter() - t0:.1f} s")
         data = self._tflite_runs[key].for_precision(precision, scheme)
         # onnx2tf turns the NCHW image input into NHWC
         return (data, *tflite_io_specs(data, source.input_name, "NHWC", source.output_name, out_layout))
