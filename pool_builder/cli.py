@@ -47,7 +47,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray-cpus", type=int, help="CPUs of a private Ray (default: all of this machine's)")
     ray.add_argument("--ray-object-store-mb", type=int, help="object store of a private Ray in MB (default 512)")
     ray.add_argument("--ray-max-retries", type=int, help="retries of a task whose worker process dies (default 3)")
-    ray.add_argument("--ray-task-cpus", type=float, help="CPUs Ray reserves per task (default 1)")
+    ray.add_argument("--ray-task-cpus", type=float, help="CPUs Ray reserves per task (default: --threads, or "
+                     "torch's default thread count)")
     ray.add_argument("--ray-shard-rows", type=int, help="training rows per cache shard, a multiple of 512 (default 4096)")
     ray.add_argument("--ray-cache-via", help="how workers read the caches: object_store (default) or shared_path "
                      "(the pool directory is on a file system every node mounts at the same path)")

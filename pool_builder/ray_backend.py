@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -63,7 +63,7 @@ class RayOptions:
     object_store_mb: int = 512  # object store of a private Ray
     connect_timeout_s: float = 10.0
     max_retries: int = 3  # per task, after its worker process dies
-    task_cpus: float = 1.0  # CPUs Ray reserves per task; torch threads stay the build's (bitwise results)
+    task_cpus: float | None = None  # CPUs Ray reserves per task (default: the build's torch threads)
     shard_rows: int = 4096
     cache_via: str = "object_store"  # how workers get the caches: object_store, or shared_path (same pool dir)
 
@@ -75,7 +75,7 @@ class RayOptions:
                                    f"batch like the local build), got {self.shard_rows}")
         if self.max_retries < 0:
             raise PoolBuilderError(f"max retries must be >= 0, got {self.max_retries}")
-        if self.task_cpus <= 0:
+        if self.task_cpus is not None and self.task_cpus <= 0:
             raise PoolBuilderError(f"CPUs per task must be positive, got {self.task_cpus}")
         if self.connect_timeout_s <= 0:
             raise PoolBuilderError(f"connect timeout must be positive, got {self.connect_timeout_s}")
@@ -214,8 +214,8 @@ def shard_task(model: ModelBlob, images: np.ndarray, start: int, stop: int, norm
     """Ray task: ``model`` over training rows ``[start, stop)``, batched as the local build batches them."""
     torch.set_num_threads(threads)
     module = model.load()
-    parts = [out for _rows, out in run_batched(module, images[start:stop], normalizer, EVAL_BATCH, dtype,
-                                               show_progress=False)]
+    part = np.array(images[start:stop])  # a writable copy: object-store arrays are read-only, torch warns on them
+    parts = [out for _rows, out in run_batched(module, part, normalizer, EVAL_BATCH, dtype, show_progress=False)]
     rows = np.ascontiguousarray(np.concatenate(parts))
     return ShardResult(rows, sha256_bytes(rows.tobytes()), socket.gethostname(), os.getpid())
 
@@ -355,6 +355,8 @@ class ShardedCache:
         self.compute(todo)
         array = write_cache(self.path, self.fingerprint, self.shape, self.dtype, self._chunks())
         shutil.rmtree(self.shard_dir, ignore_errors=True)
+        if self.shard_dir.parent.is_dir() and not any(self.shard_dir.parent.iterdir()):
+            self.shard_dir.parent.rmdir()
         return array
 
 
@@ -368,8 +370,10 @@ class RayPoolBuild(PoolBuild):
             raise PoolBuilderError("--online recomputes teachers inside one training loop; --backend ray trains "
                                    "from the cached teacher outputs (drop --online, or use --backend local)")
         super().__init__(cfg, log, show_progress)
-        self.opts = opts
-        self.threads = cfg.threads or torch.get_num_threads()  # what the local build would use, pinned per task
+        # torch threads as the local build would use them, pinned in every task: thread count changes the bits.
+        # Ray reserves as many CPUs per task, as more threads than cores slow training down several-fold.
+        self.threads = cfg.threads or torch.get_num_threads()
+        self.opts = replace(opts, task_cpus=opts.task_cpus or float(self.threads))
 
     def run(self) -> PoolMetadata:
         started = connect(self.opts, self.log)

@@ -1,6 +1,9 @@
 """The Ray backend on a private 2-CPU Ray: a worker SIGKILLed mid-expert, a driver that dies and restarts,
-damaged cache shards, tampered results, an unreachable cluster.  Every finished build must equal the local
-build of the same settings bit for bit (the session's ``tiny_pool_dir``)."""
+damaged cache shards, tampered results, an unreachable cluster.  Every finished build must equal a clean
+local build of the same settings bit for bit.
+
+Builds here use one torch thread (two 1-thread experts share the 2 CPUs); the oracle and library are the
+session's tiny pool's, copied in, so only the stages that run on Ray are computed."""
 
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; `make test` installs it)")
 
-from pool_builder.build import ExpertJob, StageRecord, config_for  # noqa: E402
+from pool_builder.build import ExpertJob, StageRecord, build_pool, config_for  # noqa: E402
 from pool_builder.errors import PoolBuilderError  # noqa: E402
 from pool_builder.models import WRNConfig  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -30,6 +34,15 @@ from pool_builder.ray_backend import (ExpertResult, RayOptions, RayPoolBuild, bu
 from ..conftest import FMNIST_DIR, ROOT, TINY_BUILD, run_cli_env, tiny_cli_args  # noqa: E402
 
 OPTS = RayOptions(shard_rows=512)  # 600 training images -> two shards per cache
+TINY_1_THREAD = {**TINY_BUILD, "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A build pins the process's torch threads to its --threads; the rest of the suite expects its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +61,19 @@ def _with_trained_stages(local: Path, out: Path) -> Path:
 
 
 def _cfg(out: Path):
-    return config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **TINY_BUILD)
+    return config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **TINY_1_THREAD)
+
+
+@pytest.fixture(scope="module")
+def local_pool(tiny_pool_dir, tmp_path_factory) -> Path:
+    """The reference: caches and experts of the same build computed locally, in this process."""
+    out = _with_trained_stages(tiny_pool_dir, tmp_path_factory.mktemp("local") / "pool")
+    threads = torch.get_num_threads()
+    try:
+        build_pool(_cfg(out), log=lambda _m: None, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the build pins the process's threads; other tests expect theirs
+    return out
 
 
 def _assert_equals_local(out: Path, local: Path) -> None:
@@ -99,7 +124,7 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.02)
 
 
-def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, tmp_path, ray_cluster):
+def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
     out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
     logs: list[str] = []
     killer = WorkerKiller()
@@ -114,9 +139,9 @@ def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, tmp
     task = title.removeprefix("ray::expert-")
     finished = [line for line in logs if line.startswith(f"[expert-{task}] finished")]
     assert len(finished) == 1 and f"pid {pid} " not in finished[0]  # Ray re-ran it in another worker
-    assert sorted(meta.experts) == sorted(json.loads((tiny_pool_dir / "pool.json").read_text())["experts"])
+    assert sorted(meta.experts) == sorted(json.loads((local_pool / "pool.json").read_text())["experts"])
     assert any("2 shard(s) on Ray" in line for line in logs)
-    _assert_equals_local(out, tiny_pool_dir)
+    _assert_equals_local(out, local_pool)
 
 
 class DriverDied(BaseException):
@@ -131,7 +156,8 @@ def _die_at(marker: str, nth: int, logs: list[str]):
     return log
 
 
-def test_restarted_driver_reuses_finished_work_and_recomputes_damaged_shards(tiny_pool_dir, tmp_path, ray_cluster):
+def test_restarted_driver_reuses_finished_work_and_recomputes_damaged_shards(tiny_pool_dir, local_pool, tmp_path,
+                                                                              ray_cluster):
     out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
     first: list[str] = []
     # 1. dies once the first library-feature shard is on disk (oracle logits are assembled by then)
@@ -157,7 +183,7 @@ def test_restarted_driver_reuses_finished_work_and_recomputes_damaged_shards(tin
     build_pool_on_ray(_cfg(out), OPTS, log=third.append, show_progress=False)
     assert sum("done earlier" in line and "[expert-" in line for line in third) == 1
     assert any("[experts] 3 task(s) on Ray" in line for line in third)
-    _assert_equals_local(out, tiny_pool_dir)
+    _assert_equals_local(out, local_pool)
 
 
 def _job(task: str = "bags") -> ExpertJob:
@@ -166,7 +192,7 @@ def _job(task: str = "bags") -> ExpertJob:
 
 
 def test_tampered_or_misaddressed_expert_never_enters_the_pool(tmp_path, pool_copy):
-    build = RayPoolBuild(_cfg(tmp_path / "pool"), OPTS, log=lambda _m: None)
+    build = RayPoolBuild(_cfg(tmp_path / "fresh"), OPTS, log=lambda _m: None)
     real = json.loads((pool_copy / "stages" / "expert-bags.json").read_text())
     weights = (pool_copy / "experts" / "bags.pt").read_bytes()
     job = _job()
@@ -176,10 +202,10 @@ def test_tampered_or_misaddressed_expert_never_enters_the_pool(tmp_path, pool_co
         build._commit_expert(job, ExpertResult(record, tampered, "node", 7))
     with pytest.raises(PoolBuilderError, match="another job"):
         build._commit_expert(_job("tops"), ExpertResult(record, weights, "node", 7))
-    assert not (tmp_path / "pool" / "experts" / "bags.pt").exists()
-    assert not (tmp_path / "pool" / "stages" / "expert-bags.json").exists()
+    assert not (tmp_path / "fresh" / "experts" / "bags.pt").exists()
+    assert not (tmp_path / "fresh" / "stages" / "expert-bags.json").exists()
     build._commit_expert(job, ExpertResult(record, weights, "node", 7))  # the genuine result is admitted
-    assert (tmp_path / "pool" / "experts" / "bags.pt").read_bytes() == weights
+    assert (tmp_path / "fresh" / "experts" / "bags.pt").read_bytes() == weights
     assert build._finished("expert-bags", job.fingerprint) is not None
 
 
