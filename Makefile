@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# The tests also cover the Ray backend (`--backend ray`), so they need the `ray` extra; `make demo` does not.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[builder,dev,ray]"
+	touch $@
+
 dataset:
 	@if [ ! -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
 	  echo "installing Debian package dataset-fashion-mnist"; \
@@ -31,7 +36,7 @@ demo: venv dataset
 	$(BIN)/pool-builder build --profile quick --out $(DEMO)/pool
 	$(BIN)/pool-builder query --pool $(DEMO)/pool --tasks footwear,tops --tasks bottoms,bags --tasks tops,bottoms,footwear
 
-test: venv dataset
+test: venv $(VENV)/.installed-ray dataset
 	$(BIN)/python -m pytest -q tests
 
 clean:

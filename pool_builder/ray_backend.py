@@ -453,6 +453,7 @@ class RayPoolBuild(PoolBuild):
             path.unlink(missing_ok=True)
             raise PoolBuilderError(f"expert {job.task}: {path} reads back different from what was written")
         load_module(record.architecture, path, f"expert {job.task}")  # raises if the weights do not fit
+        self._checkpoint(job.stage, job.fingerprint).remove()  # progress of an interrupted local build of it
         self.ran.append(job.stage)
         self.log(f"[{job.stage}] finished in {record.seconds:.1f}s on {origin} "
                  f"{json.dumps(record.metrics, sort_keys=True)}")
