@@ -121,7 +121,9 @@ def main() -> int:
                     oracle_epochs=1, library_epochs=1, expert_epochs=args.expert_epochs, threads=1)
     trained = work / "trained"
     print("training oracle and library once (not measured)", file=sys.stderr)
-    build_pool(config_for("quick", out=str(trained), **cfg_args), log=lambda _m: None, show_progress=False)
+    # experts of 1 epoch: only the oracle and library of this build are used (their stages ignore expert settings)
+    build_pool(config_for("quick", out=str(trained), **{**cfg_args, "expert_epochs": 1}), log=lambda _m: None,
+               show_progress=False)
     load_before = os.getloadavg()
     runs = [run_local(cfg_args, trained, work / "local")]
     for workers in (1, 2):

@@ -170,7 +170,8 @@ class ExpertTestSet:
 
 
 def train_expert(job: ExpertJob, n: int, features: Source, oracle_logits: Source, test: ExpertTestSet,
-                 show_progress: bool = True, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, StageRecord]:
+                 show_progress: bool = True,
+                 checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, StageRecord]:
     """Seed, build, train and score one expert; the record's sha256 is filled in by whoever writes the weights."""
     cfg = job.cfg
     torch.manual_seed(cfg.seed * 7919 + job.offset)
