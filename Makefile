@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# The tests also cover the Ray backend (`--backend ray`), so they need the `ray` extra; `make demo` does not.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,ray]"
+	touch $@
+
 dataset:
 	@if [ ! -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
 	  echo "installing Debian package dataset-fashion-mnist"; \
@@ -35,7 +40,7 @@ demo: venv dataset
 	  --query footwear,tops --query bottoms,bags --query tops,bottoms,footwear --summary $(DEMO)/convert_summary.json
 	$(BIN)/poe-convert fuse --fragments $(DEMO)/fragments --tasks footwear,tops --out $(DEMO)/footwear_tops.onnx
 
-test: venv dataset
+test: venv $(VENV)/.installed-ray dataset
 	$(BIN)/python -m pytest -q tests
 
 clean:

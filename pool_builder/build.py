@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +34,10 @@ from .data import Dataset, Normalizer, load_dataset
 from .errors import PoolBuilderError, unknown_name
 from .evaluate import ExpertReport, expert_report, predict_logits
 from .hierarchy import TaskHierarchy
-from .models import Library, WideResNet, build_expert_head, count_parameters, create_model, list_models
+from .models import Library, WideResNet, WRNConfig, build_expert_head, count_parameters, create_model, list_models
 from .pool_format import DatasetInfo, ExpertEntry, ModelEntry, PoolMetadata, write_pool_json
-from .training import (Checkpoint, TrainConfig, cached_source, distill_student, extract_expert, online_source,
-                       run_batched, train_classifier)
+from .training import (Checkpoint, Source, TrainConfig, cached_source, distill_student, extract_expert,
+                       online_source, run_batched, train_classifier)
 from .weights import load_module, load_user_oracle, save_state_dict
 
 Log = Callable[[str], None]
@@ -136,6 +136,65 @@ class StageRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def train_config(cfg: BuildConfig, epochs: int, lr: float, offset: int) -> TrainConfig:
+    """A stage's optimiser settings; its seed derives from the build seed and the stage's offset."""
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed * 7919 + offset)
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert extraction, self-contained so that any process (this one or a Ray worker) reruns it bitwise."""
+
+    task: str
+    class_ids: tuple[int, ...]
+    fingerprint: str
+    offset: int
+    student: WRNConfig
+    cfg: BuildConfig
+
+    @property
+    def stage(self) -> str:
+        return f"expert-{self.task}"
+
+    @property
+    def file(self) -> str:
+        return f"experts/{self.task}.pt"
+
+
+@dataclass(frozen=True)
+class ExpertTestSet:
+    """What an expert is scored on after training: the library's test features and the oracle's test logits."""
+
+    features: torch.Tensor
+    oracle_logits: np.ndarray
+    labels: np.ndarray
+
+
+def train_expert(job: ExpertJob, n: int, features: Source, oracle_logits: Source, test: ExpertTestSet,
+                 show_progress: bool = True,
+                 checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, StageRecord]:
+    """Seed, build, train and score one expert; the record's sha256 is filled in by whoever writes the weights."""
+    cfg = job.cfg
+    torch.manual_seed(cfg.seed * 7919 + job.offset)
+    head = build_expert_head(job.student, cfg.expert_width, len(job.class_ids))
+    loss = extract_expert(head, n, features, oracle_logits, job.class_ids,
+                          train_config(cfg, cfg.expert_epochs, cfg.expert_lr, job.offset), cfg.temperature,
+                          cfg.alpha, desc=f"expert {job.task}", show_progress=show_progress, checkpoint=checkpoint)
+    report: ExpertReport = expert_report(job.task, head, test.features, test.oracle_logits, test.labels,
+                                         job.class_ids)
+    arch = {"kind": "wrn_expert", "student": asdict(job.student), "width_factor": cfg.expert_width,
+            "num_outputs": len(job.class_ids)}
+    metrics = {k: v for k, v in asdict(report).items() if k not in ("task", "parameters")}
+    metrics["final_ckd_loss"] = round(loss, 4)
+    return head, StageRecord(job.fingerprint, job.file, "", arch, count_parameters(head), 0.0, metrics)
+
+
+def stage_module(arch: dict[str, Any], path: str | Path, what: str) -> torch.nn.Module:
+    """A stage's network as every stage after it uses it (the library runs channels-last)."""
+    module = load_module(arch, path, what)
+    return module.to(memory_format=torch.channels_last) if arch.get("kind") == "wrn_library" else module
+
+
 class PoolBuild:
     """One build of one pool directory (see module docstring for the stages)."""
 
@@ -190,7 +249,7 @@ class PoolBuild:
         return Checkpoint(self.stages_dir / f"{stage}.epoch.pt", fingerprint)
 
     def _train_cfg(self, epochs: int, lr: float, offset: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, batch_size=self.cfg.batch_size, lr=lr, seed=self.cfg.seed * 7919 + offset)
+        return train_config(self.cfg, epochs, lr, offset)
 
     def _seed(self, offset: int) -> None:
         torch.manual_seed(self.cfg.seed * 7919 + offset)
@@ -222,11 +281,10 @@ class PoolBuild:
         oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
         train_logits = None
         if not cfg.online:
-            train_logits = cached_array(
-                self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
-                (len(data.train), data.num_classes), "float32",
-                lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
-                                    show_progress=self.show_progress), self.log)
+            train_logits = self._cached_outputs(
+                "oracle_logits", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
+                (len(data.train), data.num_classes), "float32", oracle_rec, oracle, data.train.images, normalizer,
+                "oracle logits")
         test_logits = predict_logits(oracle, data.test.images, normalizer)
         oracle_rec.metrics["test_accuracy"] = float((test_logits.argmax(1) == data.test.labels).mean())
 
@@ -235,19 +293,16 @@ class PoolBuild:
         if not cfg.online:
             with torch.no_grad():
                 shape = (len(data.train), *library(normalizer(data.train.images[:2])).shape[1:])
-            features = cached_array(
-                self.cache_dir / "library_features.npy", _fingerprint(library_rec.sha256, data_fp, cfg.cache_dtype),
-                shape, cfg.cache_dtype,
-                lambda: run_batched(library, data.train.images, normalizer, dtype=cfg.cache_dtype,
-                                    desc="library features", show_progress=self.show_progress), self.log)
+            features = self._cached_outputs(
+                "library_features", _fingerprint(library_rec.sha256, data_fp, cfg.cache_dtype), shape,
+                cfg.cache_dtype, library_rec, library, data.train.images, normalizer, "library features")
         test_features = torch.from_numpy(
             np.concatenate([o for _r, o in run_batched(library, data.test.images, normalizer, show_progress=False)]))
 
-        expert_recs = {}
-        for task in hierarchy.task_names:
-            expert_recs[task] = self._expert(task, hierarchy.class_ids(task), data, normalizer, data_fp, oracle_rec,
-                                             oracle, library_rec, library, train_logits, features, test_features,
-                                             test_logits)
+        jobs = [self._expert_job(task, hierarchy.class_ids(task), data_fp, oracle_rec, library_rec, library)
+                for task in hierarchy.task_names]
+        test = ExpertTestSet(test_features, test_logits, data.test.labels)
+        expert_recs = self._experts(jobs, data, normalizer, oracle, library, train_logits, features, test)
         meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
@@ -316,42 +371,44 @@ class PoolBuild:
                 "student_parameters_with_temporary_head": count_parameters(student)})
 
         record = self._stage("library", fingerprint, run)
-        library = load_module(record.architecture, self.out / record.file, "library")
-        return record, library.to(memory_format=torch.channels_last)
+        return record, stage_module(record.architecture, self.out / record.file, "library")
 
-    def _expert(self, task: str, class_ids: tuple[int, ...], data: Dataset, normalizer: Normalizer, data_fp: str,
-                oracle_rec: StageRecord, oracle: torch.nn.Module, library_rec: StageRecord, library: Library,
-                train_logits: np.ndarray | None, features: np.ndarray | None, test_features: torch.Tensor,
-                test_logits: np.ndarray) -> StageRecord:
+    def _cached_outputs(self, name: str, fingerprint: str, shape: tuple[int, ...], dtype: str,
+                        producer: StageRecord, module: torch.nn.Module, images: np.ndarray,
+                        normalizer: Normalizer, desc: str) -> np.ndarray:
+        """``module`` over all training images, cached in ``cache/<name>.npy`` (the Ray backend shards this)."""
+        return cached_array(self.cache_dir / f"{name}.npy", fingerprint, shape, dtype,
+                            lambda: run_batched(module, images, normalizer, dtype=dtype, desc=desc,
+                                                show_progress=self.show_progress), self.log)
+
+    def _expert_job(self, task: str, class_ids: tuple[int, ...], data_fp: str, oracle_rec: StageRecord,
+                    library_rec: StageRecord, library: Library) -> ExpertJob:
         cfg = self.cfg
         fingerprint = _fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids, cfg.expert_width,
                                    cfg.expert_epochs, cfg.temperature, cfg.alpha, cfg.expert_lr, cfg.batch_size,
                                    cfg.seed, cfg.online, cfg.cache_dtype)
-        offset = 100 + zlib.crc32(task.encode()) % 100000
+        return ExpertJob(task, tuple(class_ids), fingerprint, 100 + zlib.crc32(task.encode()) % 100000,
+                         library.cfg, cfg)
 
-        def run() -> StageRecord:
-            self._seed(offset)
-            student_cfg = library.cfg
-            head = build_expert_head(student_cfg, cfg.expert_width, len(class_ids))
-            if cfg.online:
-                feat_src = online_source(library, data.train.images, normalizer)
-                logit_src = online_source(oracle, data.train.images, normalizer)
-            else:
-                feat_src, logit_src = cached_source(features), cached_source(train_logits)
-            loss = extract_expert(head, len(data.train), feat_src, logit_src, class_ids,
-                                  self._train_cfg(cfg.expert_epochs, cfg.expert_lr, offset), cfg.temperature,
-                                  cfg.alpha, desc=f"expert {task}", show_progress=self.show_progress,
-                                  checkpoint=self._checkpoint(f"expert-{task}", fingerprint))
-            report: ExpertReport = expert_report(task, head, test_features, test_logits, data.test.labels, class_ids)
-            arch = {"kind": "wrn_expert", "student": asdict(student_cfg), "width_factor": cfg.expert_width,
-                    "num_outputs": len(class_ids)}
-            name = f"experts/{task}.pt"
-            sha = save_state_dict(head, self.out / name)
-            metrics = {k: v for k, v in asdict(report).items() if k not in ("task", "parameters")}
-            metrics["final_ckd_loss"] = round(loss, 4)
-            return StageRecord(fingerprint, name, sha, arch, count_parameters(head), 0.0, metrics)
+    def _experts(self, jobs: Sequence[ExpertJob], data: Dataset, normalizer: Normalizer, oracle: torch.nn.Module,
+                 library: Library, train_logits: np.ndarray | None, features: np.ndarray | None,
+                 test: ExpertTestSet) -> dict[str, StageRecord]:
+        """Extract every expert, one after the other in this process (the Ray backend spreads them out)."""
+        if self.cfg.online:
+            feat_src = online_source(library, data.train.images, normalizer)
+            logit_src = online_source(oracle, data.train.images, normalizer)
+        else:
+            feat_src, logit_src = cached_source(features), cached_source(train_logits)
+        records = {}
+        for job in jobs:
+            def run(job: ExpertJob = job) -> StageRecord:
+                head, record = train_expert(job, len(data.train), feat_src, logit_src, test, self.show_progress,
+                                            self._checkpoint(job.stage, job.fingerprint))
+                record.sha256 = save_state_dict(head, self.out / record.file)
+                return record
 
-        return self._stage(f"expert-{task}", fingerprint, run)
+            records[job.task] = self._stage(job.stage, job.fingerprint, run)
+        return records
 
     def _metadata(self, data: Dataset, hierarchy: TaskHierarchy, oracle_rec: StageRecord, library_rec: StageRecord,
                   experts: dict[str, StageRecord]) -> PoolMetadata:

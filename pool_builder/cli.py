@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import PoolBuilderError
+from .errors import PoolBuilderError, unknown_name
 
 EXIT_USAGE = 2
+BACKENDS = ("local", "ray")
+RAY_FLAGS = ("address", "ray_cpus", "ray_object_store_mb", "ray_max_retries", "ray_task_cpus", "ray_shard_rows",
+             "ray_cache_via", "ray_connect_timeout")
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +39,20 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="recompute oracle logits and library features every batch (the authors' loop) instead of caching")
     p.add_argument("--json", action="store_true", help="print pool.json's content instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ray = p.add_argument_group("distributed build (--backend ray; see README)")
+    ray.add_argument("--backend", default="local", help="local (default: this process) or ray (caches and experts "
+                     "as Ray tasks, with retries; same weights as local)")
+    ray.add_argument("--address", help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto "
+                     "(default: start a private Ray on this machine)")
+    ray.add_argument("--ray-cpus", type=int, help="CPUs of a private Ray (default: all of this machine's)")
+    ray.add_argument("--ray-object-store-mb", type=int, help="object store of a private Ray in MB (default 512)")
+    ray.add_argument("--ray-max-retries", type=int, help="retries of a task whose worker process dies (default 3)")
+    ray.add_argument("--ray-task-cpus", type=float, help="CPUs Ray reserves per task (default: --threads, or "
+                     "torch's default thread count)")
+    ray.add_argument("--ray-shard-rows", type=int, help="training rows per cache shard, a multiple of 512 (default 4096)")
+    ray.add_argument("--ray-cache-via", help="how workers read the caches: object_store (default) or shared_path "
+                     "(the pool directory is on a file system every node mounts at the same path)")
+    ray.add_argument("--ray-connect-timeout", type=float, help="seconds to wait for --address to answer (default 10)")
 
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +92,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
         "temperature", "lr", "expert_lr", "cache_dtype", "online")}
     cfg = config_for(args.profile, out=args.out, **overrides)
-    meta = build_pool(cfg, show_progress=not args.no_progress)
+    if args.backend == "ray":
+        from .ray_backend import ray_options, build_pool_on_ray
+
+        meta = build_pool_on_ray(cfg, ray_options(args), show_progress=not args.no_progress)
+    elif args.backend == "local":
+        given = [f"--{k.replace('_', '-')}" for k in RAY_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise PoolBuilderError(f"{', '.join(given)}: only used with --backend ray")
+        meta = build_pool(cfg, show_progress=not args.no_progress)
+    else:
+        raise unknown_name("backend", args.backend, BACKENDS)
     if args.json:
         print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
         return 0

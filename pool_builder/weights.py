@@ -17,11 +17,16 @@ from .models import Library, WRNConfig, build_expert_head, create_model, list_mo
 ARCHITECTURE_KINDS = ("registry", "torchscript", "wrn_library", "wrn_expert")
 
 
-def save_state_dict(module: nn.Module, path: str | Path) -> str:
-    """Write a module's state dict atomically; returns the file's sha256."""
+def state_dict_bytes(module: nn.Module) -> bytes:
+    """A module's state dict serialised exactly as it is stored in a pool (same weights, same bytes)."""
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def save_state_dict(module: nn.Module, path: str | Path) -> str:
+    """Write a module's state dict atomically; returns the file's sha256."""
+    data = state_dict_bytes(module)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
