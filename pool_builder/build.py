@@ -30,6 +30,7 @@ from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json, sha256
 from . import __version__
 from .cache import CACHE_DTYPES, cached_array
 from .data import Dataset, Normalizer, load_dataset
+from .ensemble import EnsembleConfig
 from .errors import PoolBuilderError, unknown_name
 from .evaluate import ExpertReport, expert_report, predict_logits
 from .hierarchy import TaskHierarchy
@@ -69,8 +70,15 @@ class BuildConfig:
     online: bool = False
     seed: int = 0
     threads: int | None = None
+    ensemble: EnsembleConfig | None = None  # K teachers fused into the oracle (replaces oracle_arch / oracle_file)
 
     def __post_init__(self) -> None:
+        if isinstance(self.ensemble, dict):  # as read back from pool.json's build settings
+            object.__setattr__(self, "ensemble", EnsembleConfig(**self.ensemble))
+        if self.ensemble is not None:
+            if self.oracle_file is not None:
+                raise PoolBuilderError("give either an oracle file or an ensemble of teachers, not both")
+            object.__setattr__(self, "oracle_arch", None)  # the ensemble is the oracle
         if self.cache_dtype not in CACHE_DTYPES:
             raise unknown_name("cache dtype", self.cache_dtype, list(CACHE_DTYPES))
         if self.temperature <= 0:
@@ -84,7 +92,7 @@ class BuildConfig:
                 raise PoolBuilderError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.student_arch not in list_models("wrn_*"):
             raise unknown_name("student architecture", self.student_arch, list_models("wrn_*"))
-        if self.oracle_file is None and self.oracle_arch is None:
+        if self.oracle_file is None and self.oracle_arch is None and self.ensemble is None:
             raise PoolBuilderError("name an oracle architecture to train, or pass an oracle file")
         if self.oracle_arch is not None and self.oracle_arch not in list_models():
             raise unknown_name("architecture", self.oracle_arch, list_models())
@@ -109,6 +117,11 @@ def config_for(profile: str, **overrides: Any) -> BuildConfig:
     if unknown:
         raise unknown_name("build setting", unknown[0], sorted(valid))
     settings = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("ensemble") is not None:
+        if overrides.get("oracle_file") or overrides.get("oracle_arch"):
+            raise PoolBuilderError("give either one oracle (--oracle-file / --oracle-arch) or teachers "
+                                   "(--teachers / --teacher-archs), not both")
+        settings["oracle_arch"] = None
     if overrides.get("oracle_file") and overrides.get("oracle_arch") is None:
         settings["oracle_arch"] = None  # a user oracle without an architecture is TorchScript
     return BuildConfig(profile=profile, **settings)
@@ -218,15 +231,23 @@ class PoolBuild:
         data_fp = _fingerprint(__version__, cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
                                hashlib.sha256(data.train.labels).hexdigest(), data.mean, data.std)
 
-        oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
-        train_logits = None
-        if not cfg.online:
-            train_logits = cached_array(
-                self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
-                (len(data.train), data.num_classes), "float32",
-                lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
-                                    show_progress=self.show_progress), self.log)
-        test_logits = predict_logits(oracle, data.test.images, normalizer)
+        teacher_recs: dict[str, StageRecord] = {}
+        if cfg.ensemble is not None:  # K teachers fused; their logits cached once (pool_builder.teachers)
+            from .teachers import TeacherStages
+
+            fused = TeacherStages(self, data, normalizer, data_fp).run()
+            oracle_rec, oracle, teacher_recs = fused.record, fused.module, fused.teachers
+            train_logits, test_logits = fused.train_logits, fused.test_logits
+        else:
+            oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
+            train_logits = None
+            if not cfg.online:
+                train_logits = cached_array(
+                    self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
+                    (len(data.train), data.num_classes), "float32",
+                    lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
+                                        show_progress=self.show_progress), self.log)
+            test_logits = predict_logits(oracle, data.test.images, normalizer)
         oracle_rec.metrics["test_accuracy"] = float((test_logits.argmax(1) == data.test.labels).mean())
 
         library_rec, library = self._library(data, normalizer, data_fp, oracle_rec, oracle, train_logits)
@@ -247,7 +268,7 @@ class PoolBuild:
             expert_recs[task] = self._expert(task, hierarchy.class_ids(task), data, normalizer, data_fp, oracle_rec,
                                              oracle, library_rec, library, train_logits, features, test_features,
                                              test_logits)
-        meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
+        meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs, teacher_recs)
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
                  f"ran {', '.join(self.ran) or 'nothing'}; reused {', '.join(self.reused) or 'nothing'})")
@@ -353,7 +374,7 @@ class PoolBuild:
         return self._stage(f"expert-{task}", fingerprint, run)
 
     def _metadata(self, data: Dataset, hierarchy: TaskHierarchy, oracle_rec: StageRecord, library_rec: StageRecord,
-                  experts: dict[str, StageRecord]) -> PoolMetadata:
+                  experts: dict[str, StageRecord], teachers: dict[str, StageRecord] | None = None) -> PoolMetadata:
         def entry(rec: StageRecord) -> ModelEntry:
             return ModelEntry(rec.file, rec.sha256, rec.architecture, rec.parameters,
                               {**rec.metrics, "build_seconds": rec.seconds})
@@ -364,12 +385,15 @@ class PoolBuild:
             for t, r in experts.items()}
         shas = [oracle_rec.sha256, library_rec.sha256] + [experts[t].sha256 for t in sorted(experts)]
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "threads")}
+        if self.cfg.ensemble is None:
+            del settings["ensemble"]  # single-oracle pool.json stays as it was
         return PoolMetadata(
             pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             dataset=DatasetInfo(data.name, list(data.class_names), list(data.input_shape), list(data.mean),
                                 list(data.std)),
             tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
+            teachers={name: entry(rec) for name, rec in (teachers or {}).items()},
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
                    "pool_builder": __version__, "torch": torch.__version__})
 
