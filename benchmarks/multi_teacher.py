@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from pool_builder.build import build_pool, config_for  # noqa: E402
+from pool_builder.build import BuildConfig, build_pool, config_for  # noqa: E402
 from pool_builder.data import Normalizer, load_dataset  # noqa: E402
 from pool_builder.ensemble import (EnsembleConfig, FusionConfig, TeacherSpec, list_fusions, resolve_fusion,  # noqa: E402
                                    validation_indices)
@@ -91,6 +92,11 @@ def ensemble_accuracies(pool: Pool, settings: dict[str, Any], data_dir: str | No
     return rows
 
 
+def config(test_limit: int | None, **settings: Any) -> BuildConfig:
+    """Quick-profile settings with overrides; ``test_limit`` may be None (all test images)."""
+    return replace(config_for("quick", **settings), test_limit=test_limit)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/multi_teacher")
@@ -121,16 +127,16 @@ def main() -> int:
         if i:
             share_teachers(pools[f"ensemble ({fusions[0]})"], pool_dir)
         t0 = time.perf_counter()
-        build_pool(config_for("quick", out=str(pool_dir), ensemble=EnsembleConfig(teachers, FusionConfig(fusion)),
-                              **common), show_progress=False)
+        build_pool(config(out=str(pool_dir), ensemble=EnsembleConfig(teachers, FusionConfig(fusion)), **common),
+                   show_progress=False)
         seconds[f"ensemble ({fusion})"] = round(time.perf_counter() - t0, 1)
         pools[f"ensemble ({fusion})"] = pool_dir
 
     first = Pool.open(pools[f"ensemble ({fusions[0]})"])
     best_name, best = max(first.meta.teachers.items(), key=lambda kv: kv[1].metrics["val_accuracy"])
     t0 = time.perf_counter()
-    build_pool(config_for("quick", out=str(out / "best_teacher"), oracle_file=str(first.dir / best.file),
-                          oracle_arch=best.architecture["name"], **common), show_progress=False)
+    build_pool(config(out=str(out / "best_teacher"), oracle_file=str(first.dir / best.file),
+                      oracle_arch=best.architecture["name"], **common), show_progress=False)
     seconds[f"best teacher ({best_name})"] = round(time.perf_counter() - t0, 1)
     pools[f"best teacher ({best_name})"] = out / "best_teacher"
 

@@ -29,6 +29,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .errors import PoolBuilderError, PoolFormatError, unknown_name
+from .models import list_models
 
 FusionFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _FUSIONS: dict[str, FusionFn] = {}
@@ -193,8 +194,6 @@ class TeacherSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .models import list_models
-
         if self.file is None and self.arch is None:
             raise PoolBuilderError("a teacher needs a file or an architecture to train")
         if self.arch is not None and self.arch not in list_models():
