@@ -160,6 +160,7 @@ class PoolBuild:
         self.cache_dir = self.out / "cache"
         self.ran: list[str] = []
         self.reused: list[str] = []
+        self.teachers: dict[str, StageRecord] = {}  # members of a multi-teacher oracle
 
     # ------------------------------------------------------------------ records
     def _record_path(self, stage: str) -> Path:
@@ -231,23 +232,15 @@ class PoolBuild:
         data_fp = _fingerprint(__version__, cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
                                hashlib.sha256(data.train.labels).hexdigest(), data.mean, data.std)
 
-        teacher_recs: dict[str, StageRecord] = {}
-        if cfg.ensemble is not None:  # K teachers fused; their logits cached once (pool_builder.teachers)
-            from .teachers import TeacherStages
-
-            fused = TeacherStages(self, data, normalizer, data_fp).run()
-            oracle_rec, oracle, teacher_recs = fused.record, fused.module, fused.teachers
-            train_logits, test_logits = fused.train_logits, fused.test_logits
-        else:
-            oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
-            train_logits = None
-            if not cfg.online:
-                train_logits = cached_array(
-                    self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
-                    (len(data.train), data.num_classes), "float32",
-                    lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
-                                        show_progress=self.show_progress), self.log)
-            test_logits = predict_logits(oracle, data.test.images, normalizer)
+        oracle_rec, oracle = self._oracle(data, normalizer, data_fp)
+        train_logits = None
+        if not cfg.online:
+            train_logits = cached_array(
+                self.cache_dir / "oracle_logits.npy", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
+                (len(data.train), data.num_classes), "float32",
+                lambda: run_batched(oracle, data.train.images, normalizer, desc="oracle logits",
+                                    show_progress=self.show_progress), self.log)
+        test_logits = predict_logits(oracle, data.test.images, normalizer)
         oracle_rec.metrics["test_accuracy"] = float((test_logits.argmax(1) == data.test.labels).mean())
 
         library_rec, library = self._library(data, normalizer, data_fp, oracle_rec, oracle, train_logits)
@@ -268,7 +261,7 @@ class PoolBuild:
             expert_recs[task] = self._expert(task, hierarchy.class_ids(task), data, normalizer, data_fp, oracle_rec,
                                              oracle, library_rec, library, train_logits, features, test_features,
                                              test_logits)
-        meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs, teacher_recs)
+        meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
                  f"ran {', '.join(self.ran) or 'nothing'}; reused {', '.join(self.reused) or 'nothing'})")
@@ -276,6 +269,11 @@ class PoolBuild:
 
     def _oracle(self, data: Dataset, normalizer: Normalizer, data_fp: str) -> tuple[StageRecord, torch.nn.Module]:
         cfg = self.cfg
+        if cfg.ensemble is not None:  # K teachers, each run once; the fused logit cache is filled from theirs
+            from .teachers import TeacherStages
+
+            record, ensemble, self.teachers = TeacherStages(self, data, normalizer, data_fp).run()
+            return record, ensemble
         if cfg.oracle_file:
             if not Path(cfg.oracle_file).is_file():
                 raise PoolBuilderError(f"oracle file {cfg.oracle_file} not found (--oracle-file takes a TorchScript "
@@ -374,7 +372,7 @@ class PoolBuild:
         return self._stage(f"expert-{task}", fingerprint, run)
 
     def _metadata(self, data: Dataset, hierarchy: TaskHierarchy, oracle_rec: StageRecord, library_rec: StageRecord,
-                  experts: dict[str, StageRecord], teachers: dict[str, StageRecord] | None = None) -> PoolMetadata:
+                  experts: dict[str, StageRecord]) -> PoolMetadata:
         def entry(rec: StageRecord) -> ModelEntry:
             return ModelEntry(rec.file, rec.sha256, rec.architecture, rec.parameters,
                               {**rec.metrics, "build_seconds": rec.seconds})
@@ -393,7 +391,7 @@ class PoolBuild:
             dataset=DatasetInfo(data.name, list(data.class_names), list(data.input_shape), list(data.mean),
                                 list(data.std)),
             tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
-            teachers={name: entry(rec) for name, rec in (teachers or {}).items()},
+            teachers={name: entry(rec) for name, rec in self.teachers.items()},
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
                    "pool_builder": __version__, "torch": torch.__version__})
 

@@ -7,15 +7,15 @@ logits are cached (``cache/teacher-<i>_logits.npy``), so a different fusion
 re-fuses the caches without re-running any teacher.  The fusion stage writes
 ``ensemble.json`` (teachers with sha256, fusion, weights - fitted on the
 validation share when not given); its checksum identifies the fused teacher in
-every later fingerprint and in the pool id.  The fused training logits go into
-the same ``cache/oracle_logits.npy`` the single-oracle build uses, so library
-and experts train exactly as they would from one oracle.
+every later fingerprint and in the pool id.  The fused training logits are
+written to ``cache/oracle_logits.npy`` under the fingerprint the single-oracle
+build checks, so that it finds them there; library and experts then train
+exactly as they would from one oracle.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,17 +37,6 @@ if TYPE_CHECKING:
     from .build import PoolBuild, StageRecord
 
 
-@dataclass
-class FusedTeacher:
-    """What the ensemble stages hand to the library and expert stages."""
-
-    record: "StageRecord"
-    module: Ensemble
-    teachers: dict[str, "StageRecord"]
-    train_logits: np.ndarray | None  # fused, cached; None in online mode
-    test_logits: np.ndarray  # fused
-
-
 def _accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == labels).mean())
 
@@ -63,7 +52,8 @@ class TeacherStages:
         self.normalizer = normalizer
         self.data_fp = data_fp
 
-    def run(self) -> FusedTeacher:
+    def run(self) -> tuple["StageRecord", Ensemble, dict[str, "StageRecord"]]:
+        """The fused teacher's record and module, and each teacher's record (metrics filled in)."""
         from .build import _fingerprint
 
         data, cfg = self.data, self.cfg
@@ -87,11 +77,11 @@ class TeacherStages:
 
         record = self._fusion(records, member_val, val_labels, split_fp)
         ensemble = load_module(record.architecture, self.build.out / record.file, "oracle")
-        test_logits = ensemble.fusion.fuse(member_test).numpy()
         record.metrics["val_accuracy"] = _accuracy(ensemble.fusion.fuse(member_val), val_labels)
         record.metrics["validation_images"] = int(len(val_rows))
-        train_logits = None if cfg.online else self._fused_cache(record, ensemble, records, modules)
-        return FusedTeacher(record, ensemble, records, train_logits, test_logits)
+        if not cfg.online:
+            self._fused_cache(record, ensemble, records, modules)
+        return record, ensemble, records
 
     def _teacher(self, index: int, name: str, spec: TeacherSpec, fit_rows: np.ndarray,
                  split_fp: str) -> tuple["StageRecord", torch.nn.Module]:
@@ -163,7 +153,7 @@ class TeacherStages:
         return self.build._stage("ensemble", fingerprint, run)
 
     def _fused_cache(self, record: "StageRecord", ensemble: Ensemble, teachers: dict[str, "StageRecord"],
-                     modules: list[torch.nn.Module]) -> np.ndarray:
+                     modules: list[torch.nn.Module]) -> None:
         """Each teacher's training logits cached once; the fused logits cached from them."""
         from .build import _fingerprint
 
@@ -182,6 +172,6 @@ class TeacherStages:
             for rows in batched(shape[0], 8192):
                 yield rows, ensemble.fusion.fuse(np.stack([m[rows] for m in member])).numpy()
 
-        return cached_array(build.cache_dir / "oracle_logits.npy", _fingerprint(record.sha256, self.data_fp, "float32"),
-                            shape, "float32", fuse_chunks, build.log)
+        cached_array(build.cache_dir / "oracle_logits.npy", _fingerprint(record.sha256, self.data_fp, "float32"),
+                     shape, "float32", fuse_chunks, build.log)
 

@@ -194,6 +194,9 @@ def test_teachers_run_once_and_fused_cache_is_their_fusion(ensemble_pool, fmnist
 
     out, _cfg, _meta, logs = ensemble_pool
     assert sum("computing" in line and "teacher-" in line for line in logs) == 2
+    # the single-oracle code path finds the fused logits where it looks for an oracle's
+    assert logs.index("cache oracle_logits.npy: computing (600, 10) float32") < logs.index(
+        "cache oracle_logits.npy: reusing (600, 10) float32")
     member = np.stack([np.load(out / "cache" / f"teacher-{i}_logits.npy") for i in range(2)])
     fused = np.load(out / "cache" / "oracle_logits.npy")
     np.testing.assert_allclose(fused, np.log(torch.softmax(torch.from_numpy(member), -1).mean(0).numpy()),
