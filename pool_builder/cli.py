@@ -110,11 +110,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_pool, config_for
     from .report import format_table, pct
 
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in (
+    overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
-        "temperature", "lr", "expert_lr", "cache_dtype", "online")}
-    cfg = config_for(args.profile, out=args.out, ensemble=_ensemble(args), **overrides)
+        "temperature", "lr", "expert_lr", "cache_dtype", "online")}}
+    cfg = config_for(args.profile, out=args.out, **overrides)
     meta = build_pool(cfg, show_progress=not args.no_progress)
     if args.json:
         print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
