@@ -247,3 +247,18 @@ def test_changed_fusion_reuses_teachers_but_not_the_fused_cache(ensemble_pool, t
     recorded = json.loads((out / "ensemble.json").read_text())["fusion"]
     assert recorded["weights_source"] == "fitted on the validation split"
     assert sum(recorded["weights"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_flags_become_the_ensemble_config(tmp_path):
+    from pool_builder.cli import _ensemble, parser
+
+    args = parser().parse_args(["build", "--teacher-archs", "wrn_10_1,wrn_16_1", "--teacher-seeds", "3,4",
+                                "--fusion", "weighted", "--fusion-weights", "1,3", "--val-fraction", "0.2"])
+    assert _ensemble(args) == EnsembleConfig((TeacherSpec(arch="wrn_10_1", seed=3), TeacherSpec(arch="wrn_16_1", seed=4)),
+                                             FusionConfig("weighted", (1.0, 3.0)), 0.2)
+    args = parser().parse_args(["build", "--teachers", "a.ts,b.pt", "--teacher-archs", "torchscript,wrn_16_2",
+                                "--seed", "5"])
+    assert _ensemble(args).teachers == (TeacherSpec(file="a.ts"), TeacherSpec(file="b.pt", arch="wrn_16_2"))
+    assert _ensemble(parser().parse_args(["build", "--teacher-archs", "wrn_10_1,wrn_10_1", "--seed", "5"])).teachers \
+        == (TeacherSpec(arch="wrn_10_1", seed=5), TeacherSpec(arch="wrn_10_1", seed=6))
+    assert _ensemble(parser().parse_args(["build"])) is None
