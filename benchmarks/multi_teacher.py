@@ -9,7 +9,7 @@ expert width, seeds and schedules:
 Every pool is scored on the same composite queries against the restricted
 references.  Writes ``multi_teacher.json`` and ``multi_teacher.md``.
 
-    python benchmarks/multi_teacher.py --out runs/bench/multi_teacher --threads 2
+    python benchmarks/multi_teacher.py --out runs/bench/multi_teacher --threads 2   # defaults: the README's run
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/multi_teacher")
     ap.add_argument("--data-dir")
-    ap.add_argument("--teachers", default="wrn_16_2@0,wrn_16_2@1,wrn_10_2@2", help="arch@seed,... (>= 3 advised)")
-    ap.add_argument("--pool-fusions", default="mean_logits,weighted", help="fusions to distil a pool from")
-    ap.add_argument("--train-limit", type=int, default=12000)
-    ap.add_argument("--test-limit", type=int, default=0, help="0: all 10,000 test images")
+    ap.add_argument("--teachers", default="wrn_10_1@0,wrn_10_1@1,wrn_16_1@2", help="arch@seed,... (>= 3 advised)")
+    ap.add_argument("--pool-fusions", default="mean_logits", help="fusions to distil a pool from")
+    ap.add_argument("--train-limit", type=int, default=5000)
+    ap.add_argument("--test-limit", type=int, default=5000, help="0: all 10,000 test images")
     ap.add_argument("--teacher-epochs", type=int, default=3)
-    ap.add_argument("--library-epochs", type=int, default=6)
-    ap.add_argument("--expert-epochs", type=int, default=15)
+    ap.add_argument("--library-epochs", type=int, default=5)
+    ap.add_argument("--expert-epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", default="footwear,tops;bottoms,bags;tops,bottoms,footwear;tops,footwear,bottoms,bags")
     args = ap.parse_args()
