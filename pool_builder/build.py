@@ -31,6 +31,7 @@ from edge_runtime.atomic_io import (LockBusyError, atomic_write_bytes, atomic_wr
 from . import __version__
 from .cache import CACHE_DTYPES, cached_array
 from .data import Dataset, Normalizer, load_dataset
+from .ensemble import EnsembleConfig
 from .errors import PoolBuilderError, unknown_name
 from .evaluate import ExpertReport, expert_report, predict_logits
 from .hierarchy import TaskHierarchy
@@ -70,8 +71,15 @@ class BuildConfig:
     online: bool = False
     seed: int = 0
     threads: int | None = None
+    ensemble: EnsembleConfig | None = None  # K teachers fused into the oracle (replaces oracle_arch / oracle_file)
 
     def __post_init__(self) -> None:
+        if isinstance(self.ensemble, dict):  # as read back from pool.json's build settings
+            object.__setattr__(self, "ensemble", EnsembleConfig(**self.ensemble))
+        if self.ensemble is not None:
+            if self.oracle_file is not None:
+                raise PoolBuilderError("give either an oracle file or an ensemble of teachers, not both")
+            object.__setattr__(self, "oracle_arch", None)  # the ensemble is the oracle
         if self.cache_dtype not in CACHE_DTYPES:
             raise unknown_name("cache dtype", self.cache_dtype, list(CACHE_DTYPES))
         if self.temperature <= 0:
@@ -85,7 +93,7 @@ class BuildConfig:
                 raise PoolBuilderError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.student_arch not in list_models("wrn_*"):
             raise unknown_name("student architecture", self.student_arch, list_models("wrn_*"))
-        if self.oracle_file is None and self.oracle_arch is None:
+        if self.oracle_file is None and self.oracle_arch is None and self.ensemble is None:
             raise PoolBuilderError("name an oracle architecture to train, or pass an oracle file")
         if self.oracle_arch is not None and self.oracle_arch not in list_models():
             raise unknown_name("architecture", self.oracle_arch, list_models())
@@ -110,6 +118,11 @@ def config_for(profile: str, **overrides: Any) -> BuildConfig:
     if unknown:
         raise unknown_name("build setting", unknown[0], sorted(valid))
     settings = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("ensemble") is not None:
+        if overrides.get("oracle_file") or overrides.get("oracle_arch"):
+            raise PoolBuilderError("give either one oracle (--oracle-file / --oracle-arch) or teachers "
+                                   "(--teachers / --teacher-archs), not both")
+        settings["oracle_arch"] = None
     if overrides.get("oracle_file") and overrides.get("oracle_arch") is None:
         settings["oracle_arch"] = None  # a user oracle without an architecture is TorchScript
     return BuildConfig(profile=profile, **settings)
@@ -207,6 +220,7 @@ class PoolBuild:
         self.cache_dir = self.out / "cache"
         self.ran: list[str] = []
         self.reused: list[str] = []
+        self.teachers: dict[str, StageRecord] = {}  # members of a multi-teacher oracle
 
     # ------------------------------------------------------------------ records
     def _record_path(self, stage: str) -> Path:
@@ -311,6 +325,11 @@ class PoolBuild:
 
     def _oracle(self, data: Dataset, normalizer: Normalizer, data_fp: str) -> tuple[StageRecord, torch.nn.Module]:
         cfg = self.cfg
+        if cfg.ensemble is not None:  # K teachers, each run once; the fused logit cache is filled from theirs
+            from .teachers import TeacherStages
+
+            record, ensemble, self.teachers = TeacherStages(self, data, normalizer, data_fp).run()
+            return record, ensemble
         if cfg.oracle_file:
             if not Path(cfg.oracle_file).is_file():
                 raise PoolBuilderError(f"oracle file {cfg.oracle_file} not found (--oracle-file takes a TorchScript "
@@ -422,12 +441,15 @@ class PoolBuild:
             for t, r in experts.items()}
         shas = [oracle_rec.sha256, library_rec.sha256] + [experts[t].sha256 for t in sorted(experts)]
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "threads")}
+        if self.cfg.ensemble is None:
+            del settings["ensemble"]  # single-oracle pool.json stays as it was
         return PoolMetadata(
             pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             dataset=DatasetInfo(data.name, list(data.class_names), list(data.input_shape), list(data.mean),
                                 list(data.std)),
             tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
+            teachers={name: entry(rec) for name, rec in self.teachers.items()},
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
                    "pool_builder": __version__, "torch": torch.__version__})
 

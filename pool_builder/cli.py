@@ -29,6 +29,16 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle-file", help="your oracle: TorchScript file, or a state dict with --oracle-arch")
     p.add_argument("--oracle-arch", help="registered architecture of the oracle to train or load")
     p.add_argument("--student-arch", help="WRN student whose lower part becomes the library (default wrn_16_1)")
+    p.add_argument("--teachers", help="multi-teacher oracle from files: FILE,FILE,... (TorchScript, or state dicts "
+                                      "with --teacher-archs)")
+    p.add_argument("--teacher-archs", help="ARCH,ARCH,...: architectures of --teachers files ('torchscript' for one "
+                                           "that is), or without --teachers the teachers to train")
+    p.add_argument("--teacher-seeds", help="SEED,SEED,...: seeds of the teachers to train (default: seed, seed+1, ...)")
+    p.add_argument("--fusion", help="how teachers are fused: mean_logits (default), mean_probs, vote, weighted")
+    p.add_argument("--fusion-weights", help="W,W,...: one weight per teacher for --fusion weighted "
+                                            "(default: fitted on the validation share)")
+    p.add_argument("--val-fraction", type=float,
+                   help="share of training images held out from teacher training for fitting weights (default 0.1)")
     for name in ("train-limit", "test-limit", "oracle-epochs", "library-epochs", "expert-epochs", "batch-size",
                  "seed", "threads"):
         p.add_argument(f"--{name}", type=int)
@@ -83,14 +93,44 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _list(text: str | None, flag: str, kind: type = str) -> list[Any] | None:
+    """A comma-separated flag value as a list (None when the flag is absent)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise PoolBuilderError(f"{flag} takes a comma-separated list without empty items, got {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise PoolBuilderError(f"{flag} takes {kind.__name__} values, got {text!r}") from None
+
+
+def _ensemble(args: argparse.Namespace) -> Any:
+    """The multi-teacher oracle named by the build flags, or None for a single oracle."""
+    from .ensemble import EnsembleConfig
+
+    files, archs = _list(args.teachers, "--teachers"), _list(args.teacher_archs, "--teacher-archs")
+    if not files and not archs:
+        extra = [f for f, v in (("--teacher-seeds", args.teacher_seeds), ("--fusion", args.fusion),
+                                ("--fusion-weights", args.fusion_weights), ("--val-fraction", args.val_fraction))
+                 if v is not None]
+        if extra:
+            raise PoolBuilderError(f"{extra[0]} needs teachers: --teachers FILE,FILE,... or --teacher-archs ARCH,...")
+        return None
+    return EnsembleConfig.from_lists(files, archs, _list(args.teacher_seeds, "--teacher-seeds", int), args.fusion,
+                                     _list(args.fusion_weights, "--fusion-weights", float), args.val_fraction,
+                                     base_seed=args.seed or 0)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_pool, config_for
     from .report import format_table, pct
 
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in (
+    overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
-        "temperature", "lr", "expert_lr", "cache_dtype", "online")}
+        "temperature", "lr", "expert_lr", "cache_dtype", "online")}}
     cfg = config_for(args.profile, out=args.out, **overrides)
     if args.backend == "ray":
         from .ray_backend import ray_options, build_pool_on_ray
@@ -106,6 +146,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
         return 0
+    if meta.teachers:
+        print(_teacher_table(meta))
     lib = meta.library.metrics
     print(f"pool {meta.pool_id} in {args.out}: oracle {meta.oracle.parameters:,} params, "
           f"test accuracy {pct(meta.oracle.metrics['test_accuracy'])}; library {meta.library.parameters:,} params "
@@ -143,6 +185,13 @@ def cmd_query(args: argparse.Namespace) -> int:
              f"{r.consolidation_ms:.3f}", f"{r.load_ms:.1f}", pct(r.cross_expert_error_share)] for r in reports]
     print(format_table(["query", "classes", "test imgs", "PoE acc", "oracle (restricted)", "gap (pts)",
                         "params PoE / oracle", "consolidation ms", "load ms", "cross-expert errors"], rows))
+    if pool.meta.teachers:
+        names = list(pool.meta.teachers)
+        rows = [[",".join(r.tasks), *[pct(r.teacher_accuracies[n]) for n in names], pct(r.oracle_accuracy),
+                 pct(r.poe_accuracy)] for r in reports]
+        print(f"multi-teacher oracle ({pool.meta.oracle.architecture.get('fusion')}), each restricted to the query's "
+              "classes:")
+        print(format_table(["query", *names, "ensemble", "PoE (from ensemble)"], rows))
     print("consolidation: composing library + experts already in memory (median of 5); load: first read of their "
           "files from disk with sha256 checks (0 when an earlier query loaded them)")
     return 0
@@ -168,7 +217,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         names = ", ".join(meta.dataset.class_names[i] for i in e.class_ids)
         rows.append([f"expert {task}", names, e.parameters, _size(pool.dir / e.file), pct(e.metrics["accuracy"])])
     print(format_table(["part", "classes", "params", "bytes", "test accuracy"], rows))
+    if meta.teachers:
+        print(_teacher_table(meta))
     return 0
+
+
+def _teacher_table(meta: Any) -> str:
+    """Each teacher and the fused ensemble: size and accuracy on the validation share and the test images."""
+    from .report import format_table, pct
+
+    arch = meta.oracle.architecture
+    weights = arch.get("weights") or [None] * len(meta.teachers)
+    rows = [[name, e.parameters, "-" if w is None else f"{w:.3f}", pct(e.metrics["val_accuracy"]),
+             pct(e.metrics["test_accuracy"])] for (name, e), w in zip(meta.teachers.items(), weights)]
+    rows.append([f"ensemble ({arch.get('fusion')})", meta.oracle.parameters, "", pct(meta.oracle.metrics["val_accuracy"]),
+                 pct(meta.oracle.metrics["test_accuracy"])])
+    return format_table(["teacher", "params", "weight", "val accuracy", "test accuracy"], rows)
 
 
 def _size(path: Path) -> str:

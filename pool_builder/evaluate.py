@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch import nn
 
 from .consolidate import consolidate
 from .data import Normalizer, Split, load_dataset
+from .ensemble import Ensemble
 from .errors import PoolBuilderError
 from .models import count_parameters
 from .pool import Pool
@@ -24,6 +25,15 @@ def predict_logits(model: nn.Module, images: np.ndarray, normalizer: Normalizer,
     model.eval()
     parts = [out for _rows, out in run_batched(model, images, normalizer, batch_size, show_progress=False)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def predict_members(ensemble: Ensemble, images: np.ndarray, normalizer: Normalizer,
+                    batch_size: int = 512) -> np.ndarray:
+    """Every teacher's float32 logits ``[K, N, C]`` in one pass over the images."""
+    ensemble.eval()
+    parts = [out for _rows, out in run_batched(lambda x: ensemble.members(x).transpose(0, 1), images, normalizer,
+                                               batch_size, show_progress=False)]
+    return np.concatenate(parts).transpose(1, 0, 2)
 
 
 def restricted_accuracy(logits: np.ndarray, labels: np.ndarray, class_ids: Sequence[int]) -> float:
@@ -79,19 +89,31 @@ class QueryReport:
     cross_expert_errors: int
     errors: int
     cross_expert_error_share: float
+    # multi-teacher oracle only: each teacher alone, restricted to the query's classes (oracle_* is the ensemble)
+    teacher_accuracies: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        raw = asdict(self)
+        if not self.teacher_accuracies:
+            del raw["teacher_accuracies"]
+        return raw
 
 
 class Evaluator:
-    """Scores queries on a test split; the oracle runs over it once, not per query."""
+    """Scores queries on a test split; the oracle (every teacher of an ensemble) runs over it once, not per query."""
 
     def __init__(self, pool: Pool, test: Split, batch_size: int = 512) -> None:
         self.pool = pool
         self.test = test
         self.batch_size = batch_size
-        self.oracle_logits = predict_logits(pool.oracle(), test.images, pool.normalizer, batch_size)
+        oracle = pool.oracle()
+        self.teacher_logits: dict[str, np.ndarray] = {}
+        if isinstance(oracle, Ensemble):
+            members = predict_members(oracle, test.images, pool.normalizer, batch_size)
+            self.teacher_logits = dict(zip(oracle.names, members))
+            self.oracle_logits = oracle.fusion.fuse(members).numpy()
+        else:
+            self.oracle_logits = predict_logits(oracle, test.images, pool.normalizer, batch_size)
 
     def query(self, tasks: str | Sequence[str], repeats: int = 5) -> QueryReport:
         hierarchy = self.pool.hierarchy
@@ -122,7 +144,9 @@ class Evaluator:
             oracle_parameters=count_parameters(self.pool.oracle()),
             consolidation_ms=statistics.median(timings), load_ms=load_ms,
             cross_expert_errors=cross, errors=int(wrong.sum()),
-            cross_expert_error_share=cross / int(wrong.sum()) if wrong.any() else 0.0)
+            cross_expert_error_share=cross / int(wrong.sum()) if wrong.any() else 0.0,
+            teacher_accuracies={name: restricted_accuracy(z[mask], labels, union)
+                                for name, z in self.teacher_logits.items()})
 
 
 def held_out_split(pool: Pool, data_dir: str | None = None, test_limit: int | None = None) -> Split:

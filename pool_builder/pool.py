@@ -54,5 +54,7 @@ class Pool:
         """Check every file's checksum without loading it."""
         verify_file(self.dir, self.meta.oracle, "oracle")
         verify_file(self.dir, self.meta.library, "library")
+        for name, entry in self.meta.teachers.items():
+            verify_file(self.dir, entry, f"teacher {name!r}")
         for task, entry in self.meta.experts.items():
             verify_file(self.dir, entry, f"expert {task!r}")

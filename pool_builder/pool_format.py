@@ -8,7 +8,14 @@
      "oracle":  {"file", "sha256", "architecture", "parameters", "metrics"},
      "library": {...same..., "architecture": {"kind": "wrn_library", ...}},
      "experts": {"footwear": {...same..., "task", "class_ids", "library_sha256"}},
-     "build": {build parameters}}
+     "build": {build parameters},
+     "teachers": {"t0:wrn_16_2@seed0": {...same as oracle...}, ...}}   # only for a multi-teacher oracle
+
+A multi-teacher oracle's entry is ``ensemble.json`` with ``architecture.kind ==
+"ensemble"`` (fusion rule and weights; the teachers' files and sha256); the
+optional ``teachers`` field, added within schema_version 1, lists the teachers
+with their metrics.  Readers without ensemble support still read such a pool;
+only loading its oracle fails, with "unknown architecture kind".
 
 Weights are torch state dicts read with ``torch.load(weights_only=True)`` after
 their checksum matched; a TorchScript oracle is kept as given.
@@ -73,9 +80,13 @@ class PoolMetadata:
     experts: dict[str, ExpertEntry]
     build: dict[str, Any]
     schema_version: int = POOL_SCHEMA_VERSION
+    teachers: dict[str, ModelEntry] = field(default_factory=dict)  # members of a multi-teacher oracle
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        raw = asdict(self)
+        if not self.teachers:
+            del raw["teachers"]  # a single-oracle pool.json is unchanged
+        return raw
 
     def expert(self, task: str) -> ExpertEntry:
         if task not in self.experts:
@@ -121,7 +132,8 @@ def read_pool_json(pool_dir: str | Path) -> PoolMetadata:
             oracle=_entry(raw["oracle"], ModelEntry, "oracle"),
             library=_entry(raw["library"], ModelEntry, "library"),
             experts={k: _entry(v, ExpertEntry, f"expert {k!r}") for k, v in raw["experts"].items()},  # type: ignore[misc]
-            build=raw.get("build", {}), schema_version=version)
+            build=raw.get("build", {}), schema_version=version,
+            teachers={k: _entry(v, ModelEntry, f"teacher {k!r}") for k, v in raw.get("teachers", {}).items()})
     except (KeyError, TypeError, AttributeError) as exc:
         raise PoolFormatError(f"{path} is missing or mangles field {exc}") from exc
 

@@ -70,6 +70,10 @@ def load_module(arch: dict[str, Any], path: str | Path, what: str) -> nn.Module:
     """Rebuild a module and load its (already verified) weights."""
     if arch.get("kind") == "torchscript":
         return load_torchscript(path, what)
+    if arch.get("kind") == "ensemble":  # ensemble.json naming the teacher files beside it
+        from .ensemble import load_ensemble
+
+        return load_ensemble(path, what)
     return load_into(build_module(arch), load_state_dict(path), what)
 
 
@@ -79,22 +83,23 @@ def load_torchscript(path: str | Path, what: str) -> nn.Module:
     except Exception as exc:  # torch.jit raises RuntimeError or ValueError subclasses
         raise PoolBuilderError(
             f"{what} {path} is not a TorchScript file ({str(exc).splitlines()[0][:200]}); "
-            f"for a state dict pass --oracle-arch NAME (valid: {', '.join(list_models())})") from exc
+            f"for a state dict pass --oracle-arch NAME (--teacher-archs for teachers; "
+            f"valid: {', '.join(list_models())})") from exc
 
 
 def load_user_oracle(path: str | Path, arch_name: str | None, input_shape: tuple[int, int, int],
-                     num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The user's oracle (TorchScript, or state dict + registered architecture), checked for output width."""
+                     num_classes: int, what: str = "oracle") -> tuple[nn.Module, dict[str, Any]]:
+    """The user's oracle or teacher (TorchScript, or state dict + registered architecture), checked for output width."""
     path = Path(path)
     if not path.is_file():
-        raise PoolBuilderError(f"oracle file {path} not found")
+        raise PoolBuilderError(f"{what} file {path} not found")
     if arch_name:
         arch = {"kind": "registry", "name": arch_name, "in_channels": input_shape[0], "num_classes": num_classes}
-        model = load_into(build_module(arch), load_state_dict(path), f"oracle {path}")
+        model = load_into(build_module(arch), load_state_dict(path), f"{what} {path}")
     else:
         arch = {"kind": "torchscript"}
-        model = load_torchscript(path, "oracle")
-    check_output_width(model, input_shape, num_classes, f"oracle {path}")
+        model = load_torchscript(path, what)
+    check_output_width(model, input_shape, num_classes, f"{what} {path}")
     return model, arch
 
 
