@@ -79,5 +79,7 @@ def run_in_tflite_runtime(jobs: list[tuple[Path, np.ndarray]], timeout_s: float 
                               capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            raise ConvertError(f"tflite-runtime could not load or run the TFLite fragments: {tail}")
+            hint = ("; install tflite-runtime (the convert extra has it) or pass --skip-tflite-runtime"
+                    if "No module named" in tail else "")
+            raise ConvertError(f"tflite-runtime could not load or run the TFLite fragments: {tail}{hint}")
         return [np.load(s["output"]) for s in spec]

@@ -7,6 +7,7 @@ into place, so a failed or killed export never leaves half a fragment set.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -103,8 +104,6 @@ def check_output_dir(out: Path, pool_id: str, overwrite: bool) -> None:
         raise ConvertError(f"--out {out} exists and is not a directory")
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
-        import json
-
         try:
             held = json.loads(manifest.read_text(encoding="utf-8")).get("pool_id")
         except (ValueError, AttributeError):
