@@ -26,7 +26,7 @@ from edge_runtime.runners import dequantize, open_runner, quantize, to_layout
 from pool_builder.pool import Pool
 
 from .agreement import TOLERANCES, Reference, VariantAgreement, gate_failures, measure_variant, query_names
-from .calibration import ImageSet, calibration_images, evaluation_images, torch_outputs
+from .calibration import calibration_images, evaluation_images, torch_outputs
 from .checks import check_onnx, check_tflite_ops, run_in_tflite_runtime
 from .errors import ConvertError, GateError
 from .onnx_export import OPSET, OnnxSource, export_expert, export_library
