@@ -11,7 +11,6 @@ against torch and the bytes against fp32.  Writes JSON and Markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -1,7 +1,6 @@
 """A tiny real pool through the real toolchain: ONNX + onnxruntime, onnx2tf + TFLite interpreters."""
 
 import json
-import os
 import subprocess
 import sys
 
