@@ -165,6 +165,7 @@ class Export:
             with exclusive_lock(self.out.parent / f".{self.out.name}.lock"):
                 _remove_stale(self.out)
                 staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.staging-", dir=self.out.parent))
+                staging.chmod(0o755)  # mkdtemp's 0700 would hide the published fragments from a file server
                 try:
                     result = self._run_in(staging)
                     if result.manifest is not None:
