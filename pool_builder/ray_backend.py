@@ -369,6 +369,9 @@ class RayPoolBuild(PoolBuild):
         if cfg.online:
             raise PoolBuilderError("--online recomputes teachers inside one training loop; --backend ray trains "
                                    "from the cached teacher outputs (drop --online, or use --backend local)")
+        if cfg.ensemble is not None:
+            raise PoolBuilderError("--backend ray builds single-oracle pools only; a multi-teacher oracle "
+                                   "(--teachers / --teacher-archs) needs --backend local")
         super().__init__(cfg, log, show_progress)
         # torch threads as the local build would use them, pinned in every task: thread count changes the bits.
         # Ray reserves as many CPUs per task, as more threads than cores slow training down several-fold.

@@ -245,3 +245,12 @@ def test_online_mode_is_local_only(tmp_path):
     cfg = config_for("quick", out=str(tmp_path), online=True)
     with pytest.raises(PoolBuilderError, match="--backend local"):
         RayPoolBuild(cfg, OPTS)
+
+
+def test_multi_teacher_oracle_is_local_only(tmp_path):
+    from pool_builder.ensemble import EnsembleConfig, TeacherSpec
+
+    teachers = (TeacherSpec(arch="wrn_10_1", seed=0), TeacherSpec(arch="wrn_10_1", seed=1))
+    cfg = config_for("quick", out=str(tmp_path), oracle_arch=None, ensemble=EnsembleConfig(teachers))
+    with pytest.raises(PoolBuilderError, match="multi-teacher oracle .* needs --backend local"):
+        RayPoolBuild(cfg, OPTS)
