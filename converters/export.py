@@ -248,9 +248,10 @@ class Export:
         # onnx2tf turns the NCHW image input into NHWC
         return (data, *tflite_io_specs(data, source.input_name, "NHWC", source.output_name, out_layout))
 
-    def _write(self, staging: Path, fmt: str, precision: str, task: str | None, data: bytes,
-               specs: tuple[TensorSpec, TensorSpec], scheme: QuantScheme | None,
-               library_sha: str | None) -> Fragment:
+    def _fragment(self, staging: Path, fmt: str, precision: str, task: str | None, source: OnnxSource,
+                  scheme: QuantScheme | None, library_sha: str | None) -> Fragment:
+        """Convert one graph, check it structurally and write it into the staging directory."""
+        data, in_spec, out_spec = self._convert(fmt, precision, task, source, scheme)
         what = "library" if task is None else f"expert {task!r}"
         (check_onnx if fmt == "onnx" else check_tflite_ops)(data, f"{fmt} {precision} {what}")
         rel = f"{fmt}/{precision}/" + ("library" if task is None else f"experts/{task}") + f".{EXTENSION[fmt]}"
@@ -259,7 +260,7 @@ class Export:
         path.write_bytes(data)  # the whole staging directory is published atomically
         role = "library" if task is None else "expert"
         return Fragment(id=fragment_id(role, task, fmt, precision), role=role, format=fmt, precision=precision,
-                        file=rel, sha256=sha256_bytes(data), bytes=len(data), inputs=(specs[0],), outputs=(specs[1],),
+                        file=rel, sha256=sha256_bytes(data), bytes=len(data), inputs=(in_spec,), outputs=(out_spec,),
                         task=task, class_ids=self.tasks[task] if task else (), library_sha256=library_sha,
                         scheme=scheme.to_json() if scheme else {})
 
@@ -270,9 +271,9 @@ class Export:
         for scheme in schemes:
             label = f"{fmt}/{precision}" + (f" ({scheme.name})" if scheme else "")
             t0 = time.perf_counter()
-            lib = self._write(staging, fmt, precision, None, *self._one(fmt, precision, None, sources, scheme), None)
-            experts = {t: self._write(staging, fmt, precision, t, *self._one(fmt, precision, t, sources, scheme),
-                                      lib.sha256) for t in self.tasks}
+            lib = self._fragment(staging, fmt, precision, None, sources[None], scheme, None)
+            experts = {t: self._fragment(staging, fmt, precision, t, sources[t], scheme, lib.sha256)
+                       for t in self.tasks}
             self._timed(f"{fmt}_{precision}_convert", t0)
             t0 = time.perf_counter()
             agreement = measure_variant(staging, lib, experts, self.ref, self.queries, self.cfg.threads)
@@ -292,10 +293,6 @@ class Export:
                 return []
         self.chosen_schemes[f"{fmt}.{precision}"] = {"scheme": None, "attempts": attempts}
         return [f"{fmt}/{precision}: {a['scheme'] or 'conversion'}: {'; '.join(a['failures'][:2])}" for a in attempts]
-
-    def _one(self, fmt, precision, task, sources, scheme):
-        data, in_spec, out_spec = self._convert(fmt, precision, task, sources[task], scheme)
-        return data, (in_spec, out_spec), scheme
 
     def _check_tflite_runtime(self, staging: Path) -> list[str]:
         """Every TFLite fragment must give tflite-runtime the same raw outputs as ai-edge-litert."""
