@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.atomic_io import atomic_write_bytes
-from edge_runtime.manifest import ManifestError, read_manifest, verified_path
+from edge_runtime.manifest import ManifestError, read_manifest, verified_bytes
 
 from .errors import ConvertError
 
@@ -37,7 +37,7 @@ class FusedModel:
 
 
 def _load_verified(fragments_dir: Path, fragment) -> onnx.ModelProto:
-    return onnx.load_from_string(verified_path(fragments_dir, fragment).read_bytes())
+    return onnx.load_from_string(verified_bytes(fragments_dir, fragment))
 
 
 def fuse_models(library: onnx.ModelProto, experts: dict[str, onnx.ModelProto],

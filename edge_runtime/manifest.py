@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .atomic_io import atomic_write_json, sha256_file
+from .atomic_io import atomic_write_json, sha256_bytes, sha256_file
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -181,6 +181,10 @@ class Manifest:
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if self.schema_version > MANIFEST_SCHEMA_VERSION:
+            raise ManifestError(f"manifest schema_version {self.schema_version} is newer than this runtime reads "
+                                f"({MANIFEST_SCHEMA_VERSION}); upgrade the edge runtime "
+                                f"(pip install -U 'pool-of-experts-edge[edge]') or re-export for this version")
         if self.schema_version != MANIFEST_SCHEMA_VERSION:
             raise ManifestError(f"manifest schema_version {self.schema_version} is not supported "
                                 f"(this runtime reads {MANIFEST_SCHEMA_VERSION})")
@@ -259,12 +263,37 @@ def write_manifest(fragments_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def verified_path(fragments_dir: str | Path, fragment: Fragment) -> Path:
-    """The fragment's file, after checking that its size and sha256 match the manifest."""
+def _fragment_file(fragments_dir: str | Path, fragment: Fragment) -> Path:
     path = Path(fragments_dir) / safe_relative_path(fragment.file)
     if not path.is_file():
-        raise ManifestError(f"fragment {fragment.id!r}: file {path} is missing")
-    if path.stat().st_size != fragment.bytes or sha256_file(path) != fragment.sha256:
-        raise ManifestError(f"fragment {fragment.id!r}: {path} does not match its manifest checksum "
-                            f"(tampered or truncated); refusing to load it")
+        raise ManifestError(f"fragment {fragment.id!r}: file {path} is missing; copy the bundle's "
+                            f"{fragment.file} from the export (poe-convert export) or fetch it again")
     return path
+
+
+def _checksum_error(fragment: Fragment, path: Path) -> ManifestError:
+    return ManifestError(f"fragment {fragment.id!r}: {path} does not match its manifest checksum (tampered, "
+                         f"truncated, or from another pool or export); refusing to load it")
+
+
+def verified_path(fragments_dir: str | Path, fragment: Fragment) -> Path:
+    """The fragment's file, after checking that its size and sha256 match the manifest."""
+    path = _fragment_file(fragments_dir, fragment)
+    if path.stat().st_size != fragment.bytes or sha256_file(path) != fragment.sha256:
+        raise _checksum_error(fragment, path)
+    return path
+
+
+def verified_bytes(fragments_dir: str | Path, fragment: Fragment) -> bytes:
+    """The fragment's bytes, read once and checked in memory: what is loaded is exactly what was verified.
+
+    Checking a path and then letting an interpreter open it again would leave a window
+    in which the file could change; interpreters get these bytes instead.
+    """
+    path = _fragment_file(fragments_dir, fragment)
+    if path.stat().st_size != fragment.bytes:
+        raise _checksum_error(fragment, path)
+    data = path.read_bytes()
+    if len(data) != fragment.bytes or sha256_bytes(data) != fragment.sha256:
+        raise _checksum_error(fragment, path)
+    return data

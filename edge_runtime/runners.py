@@ -8,16 +8,15 @@ numbers in the manifest are what a device computes.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .manifest import Fragment, ManifestError, TensorSpec, check_choice, verified_path
+from .backends import BACKEND_FORMAT, BACKENDS, BackendError, resolve_backend, tflite_interpreter_class, unusable_reason
+from .manifest import Fragment, ManifestError, TensorSpec, check_choice, verified_bytes
 
 _INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
-TFLITE_INTERPRETERS = ("ai_edge_litert", "tflite_runtime")
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -55,25 +54,15 @@ def to_layout(x: np.ndarray, src: str, dst: str) -> np.ndarray:
     raise ManifestError(f"cannot convert layout {src} to {dst}")
 
 
-def _tflite_interpreter_class(name: str) -> Callable[..., Any]:
-    check_choice("TFLite interpreter", name, TFLITE_INTERPRETERS)
-    module = "ai_edge_litert.interpreter" if name == "ai_edge_litert" else "tflite_runtime.interpreter"
-    try:
-        return importlib.import_module(module).Interpreter
-    except ImportError:
-        raise ManifestError(f"TFLite interpreter {name!r} is not installed (pip install "
-                            f"{'ai-edge-litert' if name == 'ai_edge_litert' else 'tflite-runtime'})") from None
-
-
 class TFLiteRunner:
     """A TFLite fragment; the batch dimension is resized on demand (the interpreter is kept)."""
 
-    def __init__(self, path: Path, fragment: Fragment, threads: int | None = None,
+    def __init__(self, content: bytes, fragment: Fragment, threads: int | None = None,
                  interpreter: str = "ai_edge_litert") -> None:
         self.fragment = fragment
         self.input, self.output = fragment.inputs[0], fragment.outputs[0]
-        cls = _tflite_interpreter_class(interpreter)
-        self._interp = cls(model_path=str(path), num_threads=threads)
+        self._content = content  # the interpreter reads the model from this buffer for its whole life
+        self._interp = tflite_interpreter_class(interpreter)(model_content=content, num_threads=threads)
         self._interp.allocate_tensors()
         self._in = self._interp.get_input_details()[0]
         self._out_index = self._interp.get_output_details()[0]["index"]
@@ -89,7 +78,7 @@ class TFLiteRunner:
             self._batch = x.shape[0]
         self._interp.set_tensor(self._in["index"], np.ascontiguousarray(x))
         self._interp.invoke()
-        return self._interp.get_tensor(self._out_index).copy()
+        return self._interp.get_tensor(self._out_index)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float input in the fragment's layout -> float output."""
@@ -97,23 +86,32 @@ class TFLiteRunner:
 
 
 class OnnxRunner:
-    """An ONNX fragment in onnxruntime (CPU)."""
+    """An ONNX fragment in onnxruntime; CPU unless ``providers`` names others (Jetson: TensorRT, CUDA)."""
 
-    def __init__(self, path: Path, fragment: Fragment, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ManifestError("onnxruntime is not installed (pip install onnxruntime)") from None
+    def __init__(self, content: bytes, fragment: Fragment, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        reason = unusable_reason("onnxruntime")
+        if reason:
+            raise BackendError(reason)
+        import onnxruntime as ort
+
         self.fragment = fragment
         self.input, self.output = fragment.inputs[0], fragment.outputs[0]
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        available = ort.get_available_providers()
+        wanted = list(providers or ["CPUExecutionProvider"])
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise BackendError(f"onnxruntime provider(s) {', '.join(missing)} not available here; "
+                               f"available: {', '.join(available)}")
+        self._session = ort.InferenceSession(content, options, providers=wanted)
+        self._output_names = [self.output.name]
 
     def run_raw(self, x: np.ndarray) -> np.ndarray:
-        return self._session.run([self.output.name], {self.input.name: np.ascontiguousarray(x)})[0]
+        return self._session.run(self._output_names, {self.input.name: np.ascontiguousarray(x)})[0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return dequantize(self.run_raw(quantize(x, self.input)), self.output)
@@ -123,12 +121,21 @@ Runner = Union[TFLiteRunner, OnnxRunner]
 
 
 def open_runner(fragments_dir: str | Path, fragment: Fragment, threads: int | None = None,
-                interpreter: str = "ai_edge_litert") -> Runner:
-    """Verify the fragment's bytes against the manifest, then load it."""
-    path = verified_path(fragments_dir, fragment)
+                backend: str | None = None, providers: Sequence[str] | None = None) -> Runner:
+    """Read the fragment's bytes, check them against the manifest, and load exactly those bytes.
+
+    ``backend`` is the interpreter (``ai_edge_litert`` or ``tflite_runtime`` for TFLite;
+    ``onnxruntime`` for ONNX); None takes the first usable one for the fragment's format.
+    """
+    if backend is None:
+        backend = resolve_backend("auto", [fragment.format]).name
+    check_choice("backend", backend, BACKENDS)
+    if BACKEND_FORMAT[backend] != fragment.format:
+        raise BackendError(f"backend {backend} cannot run {fragment.format} fragment {fragment.id!r}")
+    content = verified_bytes(fragments_dir, fragment)
     if fragment.format == "tflite":
-        return TFLiteRunner(path, fragment, threads, interpreter)
-    return OnnxRunner(path, fragment, threads)
+        return TFLiteRunner(content, fragment, threads, backend)
+    return OnnxRunner(content, fragment, threads, providers)
 
 
 def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -12,22 +12,11 @@ import pytest
 from edge_runtime.manifest import FORMATS, read_manifest, verified_path
 from edge_runtime.runners import dequantize, open_runner, pass_between, quantize, run_batched, to_layout
 
-from ..conftest import ROOT, run_cli_env
-
-# 300 held-out images: one image in the smallest pair query is ~1.1 points, so the tiny
-# pool is gated more loosely than the demo pool (1 point on 5,000 images).
-TINY_GATE = 5.0
-
+from ..conftest import ROOT, TINY_GATE, run_cli_env
 
 @pytest.fixture(scope="module")
-def exported(tiny_pool_dir, tmp_path_factory):
-    from converters.export import ExportConfig, export_fragments
-
-    out = tmp_path_factory.mktemp("frag") / "fragments"
-    summary = out.parent / "summary.json"
-    result = export_fragments(ExportConfig(pool=str(tiny_pool_dir), out=str(out), max_accuracy_drop=TINY_GATE),
-                              log=lambda m: print(m, file=sys.stderr), summary_path=str(summary))
-    return out, result, json.loads(summary.read_text())
+def exported(tiny_fragments):
+    return tiny_fragments
 
 
 def test_every_fragment_in_every_format_and_precision(exported, tiny_pool_dir):

@@ -1,0 +1,168 @@
+"""``edge-runtime``: run a composite query on images (``run``), describe a bundle (``info``), time it (``bench``).
+
+Input errors print one line and exit 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic_io import atomic_write_json
+from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
+from .images import ARRAY_LAYOUTS
+from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
+
+EXIT_USAGE = 2
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    return values
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="fragment directory (manifest.json + fragment files)")
+    p.add_argument("--tasks", required=True, help="comma list of primitive tasks, e.g. footwear,tops")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="interpreter; auto = first installed of " + ", ".join(BACKENDS))
+    p.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="predict the classes of images with library + the tasks' experts")
+    _add_query_args(r)
+    r.add_argument("inputs", nargs="+", metavar="INPUT", help=".npy arrays or PNG/JPEG files")
+    r.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    r.add_argument("--layout", default="auto", choices=ARRAY_LAYOUTS, help="layout of .npy arrays (default: infer)")
+    r.add_argument("--resize", action="store_true", help="resize image files to the model's size")
+    r.add_argument("--top", type=int, help="probabilities shown per image (default 3; with --json: all)")
+    r.add_argument("--json", action="store_true", help="print JSON (all probabilities unless --top is given)")
+    i = sub.add_parser("info", help="pool, tasks, fragments and their checks, usable interpreters")
+    i.add_argument("--bundle", required=True, help="fragment directory")
+    i.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="latency p50/p90/p99 per fragment and in total, peak RSS, bytes")
+    _add_query_args(b)
+    b.add_argument("--threads", type=_positive_ints, default=(1, 2), help="comma list of thread counts (default 1,2)")
+    b.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    b.add_argument("--iterations", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--json", action="store_true", help="print the JSON record")
+    b.add_argument("--out", help="also write the JSON record here (gather several boards with benchmarks/edge_boards.py)")
+    return parser
+
+
+def _input_names(inputs: Sequence[str], counts: Sequence[int]) -> list[str]:
+    names = []
+    for path, n in zip(inputs, counts):
+        names += [path] if n == 1 else [f"{path}[{k}]" for k in range(n)]
+    return names
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .images import load_inputs
+    from .runtime import Runtime
+
+    runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads)
+    pre = runtime.manifest.preprocessing
+    batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]
+    prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
+    names = _input_names(args.inputs, [len(b) for b in batches])
+    if args.json:
+        rows = prediction.to_json(args.top)
+        for row, name in zip(rows, names):
+            row["input"] = name
+        print(json.dumps({"loaded": runtime.describe(), "predictions": rows}, indent=2))
+        return 0
+    top = prediction.top(args.top or 3)
+    for name, label, best in zip(names, prediction.labels, top):
+        print(f"{name}: {label}  (" + ", ".join(f"{n} {p:.3f}" for n, p in best) + ")")
+    return 0
+
+
+def bundle_info(bundle: str) -> dict[str, Any]:
+    """What a bundle holds and whether each file is present and intact (checked, never loaded)."""
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    files = {}
+    for frag in manifest.fragments:
+        try:
+            verified_bytes(root, frag)
+            files[frag.id] = "ok"
+        except ManifestError as exc:
+            files[frag.id] = "missing" if "is missing" in str(exc) else "checksum mismatch"
+    variants = []
+    everything = ",".join(sorted(manifest.tasks))
+    for fmt, precision in manifest.variants():
+        frags = [f for f in manifest.fragments if f.format == fmt and f.precision == precision]
+        composite = manifest.composites.get(f"{fmt}.{precision}", {}).get("queries", {}).get(everything, {})
+        variants.append({"format": fmt, "precision": precision, "bytes": sum(f.bytes for f in frags),
+                         "all_tasks_accuracy": composite.get("accuracy"),
+                         "fragments": [{"id": f.id, "bytes": f.bytes, "status": files[f.id]} for f in frags]})
+    return {"pool_id": manifest.pool_id, "schema_version": manifest.schema_version,
+            "input_shape": list(manifest.preprocessing.input_shape),
+            "tasks": {t: [manifest.class_names[c] for c in ids] for t, ids in sorted(manifest.tasks.items())},
+            "variants": variants,
+            "interpreters": {name: unusable_reason(name) or "usable" for name in BACKENDS}}
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = bundle_info(args.bundle)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"pool {info['pool_id']} (manifest schema {info['schema_version']}), images "
+          f"{'x'.join(map(str, info['input_shape']))}")
+    for task, names in info["tasks"].items():
+        print(f"  task {task}: {', '.join(names)}")
+    for v in info["variants"]:
+        acc = v["all_tasks_accuracy"]
+        bad = [f"{f['id']} {f['status']}" for f in v["fragments"] if f["status"] != "ok"]
+        print(f"  {v['format']:>6} {v['precision']:<4} {v['bytes']:>9,} bytes"
+              + (f"  all-task accuracy {acc * 100:.2f}%" if acc is not None else "")
+              + (f"  [{'; '.join(bad)}]" if bad else ""))
+    for name, status in info["interpreters"].items():
+        print(f"  interpreter {name}: {status}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_bench, run_bench
+
+    cfg = BenchConfig(bundle=args.bundle, tasks=args.tasks, backend=args.backend, precision=args.precision,
+                      threads=args.threads, batch=args.batch, warmup=args.warmup, iterations=args.iterations)
+    record = run_bench(cfg, log=lambda m: print(m, file=sys.stderr))
+    if args.out:
+        atomic_write_json(args.out, record)
+    print(json.dumps(record, indent=2) if args.json else format_bench(record))
+    return 0
+
+
+COMMANDS = {"run": _run, "info": _info, "bench": _bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"edge-runtime: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("edge-runtime: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

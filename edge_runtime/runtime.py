@@ -1,0 +1,157 @@
+"""One composite model on the device: the library once per batch, then the queried experts.
+
+``Runtime.open`` verifies and loads only the fragments the query needs (other
+experts' files may be missing or damaged), creates each interpreter once, and
+``predict`` composes them: library features go to every expert as they are
+when the encodings match (int8 straight through), else via float; each
+expert's logits land at their global class ids (ascending) and a softmax runs
+over the union - the same order the torch ComposedModel and the fused ONNX
+graph use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backends import Backend, resolve_backend
+from .images import ImageInput, load_inputs, normalize
+from .manifest import Manifest, ManifestError, read_manifest
+from .runners import Runner, dequantize, open_runner, pass_between, quantize, to_layout
+from .selection import Selection, select
+
+DEFAULT_MAX_BATCH = 64  # larger inputs run in chunks of this many images, bounding memory
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per image: the predicted class and probabilities over the union of the queried classes."""
+
+    class_ids: np.ndarray  # (N,) global class id of the top class
+    labels: tuple[str, ...]  # (N,) its name
+    probabilities: np.ndarray  # (N, K) softmax over ``classes``
+    logits: np.ndarray  # (N, K)
+    classes: tuple[int, ...]  # K global class ids, ascending
+    class_names: tuple[str, ...]  # their names
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
+        """The ``k`` most probable classes of every image, as (name, probability)."""
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[j], float(self.probabilities[i, j])) for j in row] for i, row in enumerate(order)]
+
+    def to_json(self, top_k: int | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for i, (cid, label) in enumerate(zip(self.class_ids, self.labels)):
+            probs = {name: round(float(p), 6) for name, p in zip(self.class_names, self.probabilities[i])}
+            if top_k:
+                probs = dict(self.top(top_k)[i])
+            rows.append({"index": i, "class_id": int(cid), "label": label, "probability": round(float(
+                self.probabilities[i, self.classes.index(int(cid))]), 6), "probabilities": probs})
+        return rows
+
+
+class Runtime:
+    """A loaded composite query; interpreters are built once and reused for every call."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, selection: Selection, backend: Backend,
+                 runners: Sequence[Runner], max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.bundle_dir, self.manifest, self.selection, self.backend = bundle_dir, manifest, selection, backend
+        self.library, self.experts = runners[0], tuple(runners[1:])
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.classes = selection.class_ids
+        self.class_names = tuple(manifest.class_names[c] for c in self.classes)
+        concatenated = [c for f in selection.experts for c in f.class_ids]
+        self._order = np.argsort(np.asarray(concatenated), kind="stable")  # concat order -> ascending ids
+        self._passthrough = tuple(e.input.same_encoding(self.library.output) for e in self.experts)
+
+    @classmethod
+    def open(cls, bundle_dir: str | Path, tasks: str | Sequence[str], backend: str = "auto",
+             precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
+             max_batch: int = DEFAULT_MAX_BATCH) -> "Runtime":
+        """Verify and load the library and the experts of ``tasks`` from a fragment bundle."""
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        root = Path(bundle_dir)
+        manifest = read_manifest(root)
+        every_format = sorted({fmt for fmt, _ in manifest.variants()})
+        with_precision = sorted({fmt for fmt, p in manifest.variants() if p == precision})
+        chosen = resolve_backend(backend, (with_precision or every_format) if backend == "auto" else every_format)
+        selection = select(manifest, tasks, chosen.format, precision)
+        runners = [open_runner(root, frag, num_threads, chosen.name, providers) for frag in selection.fragments]
+        return cls(root, manifest, selection, chosen, runners, max_batch)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.selection.tasks
+
+    def library_input(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
+                      resize: bool = False) -> np.ndarray:
+        """Images in any accepted form -> normalized float32 in the library fragment's layout."""
+        pixels = load_inputs(images, self.manifest.preprocessing, layout, resize)
+        return to_layout(normalize(pixels, self.manifest.preprocessing), "NHWC", self.library.input.layout)
+
+    def logits(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Composite logits (N, K) in ascending class-id order from library input ``x``.
+
+        With ``timings``, seconds spent in each fragment's interpreter are added under its id.
+        """
+        if len(x) > self.max_batch:
+            return np.concatenate([self.logits(x[i:i + self.max_batch], timings)
+                                   for i in range(0, len(x), self.max_batch)])
+        lib = self.library
+        start = time.perf_counter()
+        raw = lib.run_raw(quantize(x, lib.input))
+        if timings is not None:
+            _add(timings, lib.fragment.id, time.perf_counter() - start)
+        parts = []
+        for expert, passthrough in zip(self.experts, self._passthrough):
+            fed = raw if passthrough else pass_between(raw, lib.output, expert.input)
+            start = time.perf_counter()
+            out = expert.run_raw(fed)
+            if timings is not None:
+                _add(timings, expert.fragment.id, time.perf_counter() - start)
+            parts.append(dequantize(out, expert.output))
+        return np.concatenate(parts, axis=1)[:, self._order]
+
+    def predict(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
+                resize: bool = False) -> Prediction:
+        """Class ids, labels and probabilities over the union of the queried classes, one row per image."""
+        logits = self.logits(self.library_input(images, layout, resize))
+        return self.prediction(logits)
+
+    def prediction(self, logits: np.ndarray) -> Prediction:
+        probs = softmax(logits)
+        top = np.argmax(logits, axis=1)
+        class_ids = np.asarray(self.classes, dtype=np.int64)[top]
+        return Prediction(class_ids=class_ids, labels=tuple(self.manifest.class_names[c] for c in class_ids),
+                          probabilities=probs, logits=logits, classes=self.classes, class_names=self.class_names)
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for logs and benchmark records."""
+        return {"pool_id": self.manifest.pool_id, "backend": self.backend.name, "format": self.selection.format,
+                "precision": self.selection.precision, "tasks": list(self.tasks), "classes": list(self.classes),
+                "fragments": {f.id: f.bytes for f in self.selection.fragments}, "bytes": self.selection.bytes,
+                "int8_passthrough": dict(zip(self.tasks, self._passthrough))}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+__all__ = ["Prediction", "Runtime", "softmax", "ManifestError"]
