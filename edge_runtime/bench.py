@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import interpreter_version
+from .runners import native_info_muted
 from .runtime import Runtime
 
 BENCH_SCHEMA = "edge-runtime-bench/1"
@@ -67,7 +68,14 @@ def summarize(samples_s: Sequence[float]) -> dict[str, float]:
 
 
 def peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process (None where the platform does not say)."""
+    """Peak resident set size of this process (None where the platform does not say).
+
+    Linux's VmHWM is reset by exec; ``ru_maxrss`` is not (a process started from a big
+    parent, e.g. a test runner with torch loaded, inherits the parent's peak).
+    """
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     try:
         import resource
     except ImportError:
@@ -127,7 +135,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     describe: dict[str, Any] = {}
     for threads in cfg.threads:
         start = time.perf_counter()
-        runtime = Runtime.open(cfg.bundle, cfg.tasks, cfg.backend, cfg.precision, num_threads=threads)
+        with native_info_muted():
+            runtime = Runtime.open(cfg.bundle, cfg.tasks, cfg.backend, cfg.precision, num_threads=threads)
         open_ms = (time.perf_counter() - start) * 1000.0
         describe = runtime.describe()
         images = bench_images(runtime, cfg.batch)

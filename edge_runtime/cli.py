@@ -15,6 +15,7 @@ from .atomic_io import atomic_write_json
 from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
 from .images import ARRAY_LAYOUTS
 from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
+from .runners import native_info_muted
 
 EXIT_USAGE = 2
 
@@ -72,9 +73,10 @@ def _run(args: argparse.Namespace) -> int:
     from .images import load_inputs
     from .runtime import Runtime
 
-    runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads)
-    pre = runtime.manifest.preprocessing
-    batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]
+    pre = read_manifest(args.bundle).preprocessing
+    batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]  # bad input fails first
+    with native_info_muted():
+        runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads)
     prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
     names = _input_names(args.inputs, [len(b) for b in batches])
     if args.json:

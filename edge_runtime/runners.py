@@ -8,8 +8,12 @@ numbers in the manifest are what a device computes.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -140,3 +144,27 @@ def open_runner(fragments_dir: str | Path, fragment: Fragment, threads: int | No
 
 def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@contextlib.contextmanager
+def native_info_muted() -> Iterator[None]:
+    """Drop the interpreters' native ``INFO:`` lines (XNNPACK's banner) from fd 2; keep every other line.
+
+    TFLite prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from C++ on every
+    interpreter and offers no Python switch; CLIs promise one line per error on stderr.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("INFO: ")]
+            if kept:
+                sys.stderr.write("".join(kept))
