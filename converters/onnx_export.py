@@ -73,3 +73,8 @@ def export_expert(expert: nn.Module, features_nchw: tuple[int, int, int], nhwc_f
     if nhwc_features:
         return _export(_NHWCInput(expert), torch.zeros(1, h, w, c), FEATURES, LOGITS)
     return _export(expert, torch.zeros(1, c, h, w), FEATURES, LOGITS)
+
+
+def export_classifier(model: nn.Module, input_chw: tuple[int, int, int]) -> OnnxSource:
+    """A whole image classifier (the oracle, or a composed query as one graph): image -> logits, NCHW."""
+    return _export(model, torch.zeros(1, *input_chw), IMAGE, LOGITS)

@@ -122,7 +122,7 @@ def time_predict(runtime: Runtime, images: np.ndarray, warmup: int, iterations: 
     for _ in range(iterations):
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        runtime.prediction(runtime.logits(runtime.library_input(images), timings))
+        runtime.prediction(runtime.logits_from_encoded(runtime.encode(images), timings))
         totals.append(time.perf_counter() - start)
         for key, seconds in timings.items():
             per_fragment[key].append(seconds)

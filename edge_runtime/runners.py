@@ -28,8 +28,12 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if not spec.quantized:
         return np.ascontiguousarray(x, dtype=np.float32)
     lo, hi = _INT_RANGES[spec.dtype]
-    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(spec.scale)) + spec.zero_point
-    return np.clip(q, lo, hi).astype(spec.dtype)
+    q = np.divide(np.asarray(x, dtype=np.float32), np.float32(spec.scale))  # in place from here: hot path
+    np.round(q, out=q)
+    q += np.float32(spec.zero_point)
+    np.minimum(q, hi, out=q)
+    np.maximum(q, lo, out=q)
+    return q.astype(spec.dtype)
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:

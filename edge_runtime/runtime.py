@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import Backend, resolve_backend
+from .encoding import InputEncoder
 from .images import ImageInput, load_inputs, normalize
 from .manifest import Manifest, ManifestError, read_manifest
 from .runners import Runner, dequantize, open_runner, pass_between, quantize, to_layout
@@ -70,9 +71,18 @@ class Runtime:
         self.max_batch = max_batch
         self.classes = selection.class_ids
         self.class_names = tuple(manifest.class_names[c] for c in self.classes)
+        self._class_array = np.asarray(self.classes, dtype=np.int64)
+        self._all_names = manifest.class_names
         concatenated = [c for f in selection.experts for c in f.class_ids]
         self._order = np.argsort(np.asarray(concatenated), kind="stable")  # concat order -> ascending ids
         self._passthrough = tuple(e.input.same_encoding(self.library.output) for e in self.experts)
+        self._encoder = InputEncoder(manifest.preprocessing, self.library.input)
+        # Dequantize all experts' outputs in one step: per-column zero point and scale, in output order.
+        outputs = [(e.output, len(f.class_ids)) for e, f in zip(self.experts, selection.experts)]
+        self._quantized_out = all(o.quantized for o, _ in outputs)
+        if self._quantized_out:
+            self._zero_point = np.concatenate([np.full(n, o.zero_point, np.float32) for o, n in outputs])[self._order]
+            self._scale = np.concatenate([np.full(n, o.scale, np.float32) for o, n in outputs])[self._order]
 
     @classmethod
     def open(cls, bundle_dir: str | Path, tasks: str | Sequence[str], backend: str = "auto",
@@ -94,6 +104,11 @@ class Runtime:
     def tasks(self) -> tuple[str, ...]:
         return self.selection.tasks
 
+    def encode(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
+               resize: bool = False) -> np.ndarray:
+        """Images in any accepted form -> the library's input tensor (its dtype, layout and quantization)."""
+        return self._encoder(load_inputs(images, self.manifest.preprocessing, layout, resize))
+
     def library_input(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
                       resize: bool = False) -> np.ndarray:
         """Images in any accepted form -> normalized float32 in the library fragment's layout."""
@@ -101,16 +116,20 @@ class Runtime:
         return to_layout(normalize(pixels, self.manifest.preprocessing), "NHWC", self.library.input.layout)
 
     def logits(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
-        """Composite logits (N, K) in ascending class-id order from library input ``x``.
+        """Composite logits (N, K) in ascending class-id order from float library input ``x``."""
+        return self.logits_from_encoded(quantize(x, self.library.input), timings)
+
+    def logits_from_encoded(self, encoded: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Composite logits (N, K) from the library's raw input tensor (``encode``).
 
         With ``timings``, seconds spent in each fragment's interpreter are added under its id.
         """
-        if len(x) > self.max_batch:
-            return np.concatenate([self.logits(x[i:i + self.max_batch], timings)
-                                   for i in range(0, len(x), self.max_batch)])
+        if len(encoded) > self.max_batch:
+            return np.concatenate([self.logits_from_encoded(encoded[i:i + self.max_batch], timings)
+                                   for i in range(0, len(encoded), self.max_batch)])
         lib = self.library
         start = time.perf_counter()
-        raw = lib.run_raw(quantize(x, lib.input))
+        raw = lib.run_raw(encoded)
         if timings is not None:
             _add(timings, lib.fragment.id, time.perf_counter() - start)
         parts = []
@@ -120,20 +139,24 @@ class Runtime:
             out = expert.run_raw(fed)
             if timings is not None:
                 _add(timings, expert.fragment.id, time.perf_counter() - start)
-            parts.append(dequantize(out, expert.output))
-        return np.concatenate(parts, axis=1)[:, self._order]
+            parts.append(out if self._quantized_out else dequantize(out, expert.output))
+        ordered = np.concatenate(parts, axis=1)[:, self._order]
+        if not self._quantized_out:
+            return ordered
+        logits = ordered.astype(np.float32)  # same arithmetic as dequantize(), all columns at once
+        logits -= self._zero_point
+        logits *= self._scale
+        return logits
 
     def predict(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
                 resize: bool = False) -> Prediction:
         """Class ids, labels and probabilities over the union of the queried classes, one row per image."""
-        logits = self.logits(self.library_input(images, layout, resize))
-        return self.prediction(logits)
+        return self.prediction(self.logits_from_encoded(self.encode(images, layout, resize)))
 
     def prediction(self, logits: np.ndarray) -> Prediction:
         probs = softmax(logits)
-        top = np.argmax(logits, axis=1)
-        class_ids = np.asarray(self.classes, dtype=np.int64)[top]
-        return Prediction(class_ids=class_ids, labels=tuple(self.manifest.class_names[c] for c in class_ids),
+        class_ids = self._class_array[np.argmax(logits, axis=1)]
+        return Prediction(class_ids=class_ids, labels=tuple(self._all_names[c] for c in class_ids),
                           probabilities=probs, logits=logits, classes=self.classes, class_names=self.class_names)
 
     def describe(self) -> dict[str, Any]:
@@ -145,9 +168,9 @@ class Runtime:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True), dtype=np.float32)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
