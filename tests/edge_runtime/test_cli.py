@@ -82,6 +82,15 @@ def test_bench_writes_a_record_other_boards_can_be_gathered_with(tiny_fragments,
         assert result["total_ms"]["p50"] <= result["total_ms"]["p90"] <= result["total_ms"]["p99"]
     assert record["peak_rss_bytes"] > 10 * 2**20 and record["loaded"]["bytes"] > 0
     assert "p50 ms" in out.stdout and "peak RSS" in out.stdout
+    # Records from several boards gather into one table; anything else is refused in one line.
+    (tmp_path / "other.json").write_text(json.dumps({"results": []}))
+    boards = [sys.executable, str(ROOT / "benchmarks" / "edge_boards.py")]
+    table = subprocess.run(boards + [str(record_path), str(record_path)], capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    body = [line for line in table.stdout.splitlines() if line.startswith("| ") and "board" not in line]
+    assert len(body) == 4 and all("tflite int8" in line for line in body)
+    bad = subprocess.run(boards + [str(tmp_path / "other.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an edge-runtime bench record" in bad.stderr
 
 
 @pytest.mark.parametrize("args,message", [
