@@ -11,7 +11,9 @@ import json
 import sys
 from typing import Any, Sequence
 
-EXIT_GATE, EXIT_USAGE = 1, 2
+from edge_runtime.cli_errors import run_command
+
+EXIT_GATE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,16 +101,8 @@ def _fuse(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _export(args) if args.command == "export" else _fuse(args)
-    except (ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"poe-convert: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("poe-convert: interrupted; nothing was published", file=sys.stderr)
-        return 130
+    return run_command("poe-convert", _export if args.command == "export" else _fuse, args,
+                       interrupted="interrupted; nothing was published")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ from typing import Any, Sequence
 
 from .atomic_io import atomic_write_json
 from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
+from .cli_errors import run_command
 from .images import ARRAY_LAYOUTS
 from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
 from .runners import native_info_muted
-
-EXIT_USAGE = 2
-
 
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
@@ -154,16 +152,7 @@ COMMANDS = {"run": _run, "info": _info, "bench": _bench}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"edge-runtime: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("edge-runtime: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edge-runtime", COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from edge_runtime.cli_errors import run_command
+
 from .errors import PoolBuilderError, unknown_name
 
-EXIT_USAGE = 2
 BACKENDS = ("local", "ray")
 RAY_FLAGS = ("address", "ray_cpus", "ray_object_store_mb", "ray_max_retries", "ray_task_cpus", "ray_shard_rows",
              "ray_cache_via", "ray_connect_timeout")
@@ -244,16 +245,8 @@ COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (PoolBuilderError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"pool-builder: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("pool-builder: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command("pool-builder", COMMANDS[args.command], args, errors=(PoolBuilderError, OSError),
+                       interrupted="interrupted; run the same command again to resume")
 
 
 if __name__ == "__main__":  # pragma: no cover
