@@ -20,9 +20,9 @@ import numpy as np
 
 from .backends import Backend, resolve_backend
 from .encoding import InputEncoder
-from .images import ImageInput, load_inputs, normalize
+from .images import ImageInput, load_inputs
 from .manifest import Manifest, ManifestError, read_manifest
-from .runners import Runner, dequantize, open_runner, pass_between, quantize, to_layout
+from .runners import Runner, dequantize, open_runner, pass_between, quantize
 from .selection import Selection, select
 
 DEFAULT_MAX_BATCH = 64  # larger inputs run in chunks of this many images, bounding memory
@@ -108,12 +108,6 @@ class Runtime:
                resize: bool = False) -> np.ndarray:
         """Images in any accepted form -> the library's input tensor (its dtype, layout and quantization)."""
         return self._encoder(load_inputs(images, self.manifest.preprocessing, layout, resize))
-
-    def library_input(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
-                      resize: bool = False) -> np.ndarray:
-        """Images in any accepted form -> normalized float32 in the library fragment's layout."""
-        pixels = load_inputs(images, self.manifest.preprocessing, layout, resize)
-        return to_layout(normalize(pixels, self.manifest.preprocessing), "NHWC", self.library.input.layout)
 
     def logits(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """Composite logits (N, K) in ascending class-id order from float library input ``x``."""
