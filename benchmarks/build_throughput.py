@@ -1,0 +1,280 @@
+"""Build throughput: expert extraction from cached teacher outputs vs the online loop (EDL-Dist's separation).
+
+Builds the same experts twice from one pool's oracle and library, with the same
+settings and epochs: once the default way (oracle logits and library features
+computed once into ``cache/``, experts trained from the memory-mapped cache),
+once with ``--online`` (oracle and library re-run on every batch, as the
+authors' code does).  Both are ordinary ``build_pool`` runs into fresh pool
+directories that share only the finished oracle and library stages, so the
+cached run pays for computing its caches.  Reports expert-extraction
+throughput (training images per second) and its ratio, the whole build's
+ratio including the caches, and the accuracy of every expert and of the
+composite query in both modes.  Writes ``<out>/build_throughput/``.
+
+    python benchmarks/build_throughput.py --pool runs/demo/pool --out runs/bench --quick
+    python benchmarks/build_throughput.py --pool runs/demo/pool --out runs/bench    # all tasks, the pool's epochs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose, describe_machine,  # noqa: E402
+                               figure_links, machine, markdown_table, pyplot, ratio_text, run_main, save_figure,
+                               share_files, write_section)
+from pool_builder.build import BuildConfig, build_pool  # noqa: E402
+from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
+from pool_builder.pool import Pool  # noqa: E402
+
+SECTION = "build_throughput"
+MODES = ("cached", "online")
+TRAINED = ("oracle.pt", "oracle.torchscript.pt", "library.pt", "stages/oracle.json", "stages/library.json")
+TARGET_RATIO = 10.0
+TARGET_POINTS = 0.3
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """Which experts are extracted and for how long; ``None`` means the pool's own setting."""
+
+    pool: str = "runs/demo/pool"
+    out: str = "runs/bench"
+    data_dir: str | None = None
+    tasks: tuple[str, ...] | None = None
+    epochs: int | None = None
+    threads: int = 2
+    work: str | None = None  # scratch pool directories (default OUT/build_throughput/work)
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise BenchError(f"epochs must be >= 1, got {self.epochs}")
+        if self.threads < 1:
+            raise BenchError(f"threads must be >= 1, got {self.threads}")
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # ~2.5 min on 2 cores with the quick pool: two experts, two epochs, both modes
+    "quick": dict(tasks=("footwear", "tops"), epochs=2),
+    "full": dict(tasks=None, epochs=None),
+}
+
+
+class Timeline:
+    """The build's log lines with wall and process-CPU seconds since it started.
+
+    CPU seconds (all of the process's threads) barely change when other work
+    shares the machine, wall seconds do: the report gives both.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.lines: list[tuple[float, float, str]] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append((time.perf_counter() - self.start, time.process_time() - self.cpu_start, line))
+        print(f"  {self.lines[-1][0]:7.1f}s {line[:140]}", file=sys.stderr, flush=True)
+
+    def first(self, marker: str) -> tuple[float, float]:
+        """(wall, cpu) seconds at the first line containing ``marker``."""
+        return next((wall, cpu) for wall, cpu, line in self.lines if marker in line)
+
+
+def build_once(mode: str, src: Pool, cfg: ThroughputConfig, hierarchy: Path, work: Path) -> dict[str, Any]:
+    """One ``build_pool`` of the selected experts in ``mode``; stage times and accuracies."""
+    out = work / mode
+    shutil.rmtree(out, ignore_errors=True)
+    share_files(src.dir, out, TRAINED)
+    settings = {**src.meta.build["settings"], "out": str(out), "online": mode == "online",
+                "hierarchy": str(hierarchy), "threads": cfg.threads}
+    if cfg.epochs is not None:
+        settings["expert_epochs"] = cfg.epochs
+    if cfg.data_dir is not None:
+        settings["data_dir"] = cfg.data_dir
+    print(f"[{mode}] building experts", file=sys.stderr, flush=True)
+    timeline = Timeline()
+    meta = build_pool(BuildConfig(**settings), log=timeline, show_progress=False)
+    total = time.perf_counter() - timeline.start
+    retrained = [line for _w, _c, line in timeline.lines if "[oracle] running" in line or "[library] running" in line]
+    if retrained:
+        raise BenchError(f"the {mode} build retrained a shared stage ({retrained[0]}): the pool's stages do not "
+                         "match its settings")
+    experts = {t: {"seconds": e.metrics["build_seconds"], "accuracy": e.metrics["accuracy"],
+                   "oracle_accuracy": e.metrics["oracle_accuracy"], "test_images": e.metrics["test_images"],
+                   "mean_abs_logit_gap": e.metrics["mean_abs_logit_gap"]} for t, e in meta.experts.items()}
+    begin, end = timeline.first("[expert-"), timeline.first("pool written")
+    pool = Pool.open(out)
+    query = Evaluator(pool, held_out_split(pool, cfg.data_dir)).query(list(meta.experts))
+    return {"mode": mode, "pool_id": meta.pool_id, "train_images": meta.build["train_images"],
+            "epochs": settings.get("expert_epochs"), "total_s": round(total, 2),
+            "before_experts_s": round(begin[0], 2), "experts_s": round(end[0] - begin[0], 2),
+            "experts_cpu_s": round(end[1] - begin[1], 2), "load_average_after": list(os.getloadavg()),
+            "experts": experts,
+            "composite": {"tasks": query.tasks, "accuracy": query.poe_accuracy,
+                          "oracle_accuracy": query.oracle_accuracy, "test_images": query.test_images}}
+
+
+def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Throughputs, their ratio, and accuracy differences (points, cached minus online)."""
+    cached, online = runs["cached"], runs["online"]
+    images = cached["train_images"] * cached["epochs"] * len(cached["experts"])
+    diffs = {t: 100 * (cached["experts"][t]["accuracy"] - online["experts"][t]["accuracy"])
+             for t in cached["experts"]}
+    diffs["composite"] = 100 * (cached["composite"]["accuracy"] - online["composite"]["accuracy"])
+    return {"images_per_mode": images,
+            "throughput": {m: images / r["experts_s"] for m, r in runs.items()},
+            "ratio": online["experts_s"] / cached["experts_s"],
+            "cpu_ratio": online["experts_cpu_s"] / cached["experts_cpu_s"],
+            "end_to_end_ratio": online["total_s"] / cached["total_s"],
+            "accuracy_diff_points": diffs, "max_abs_diff_points": max(abs(d) for d in diffs.values())}
+
+
+def run(cfg: ThroughputConfig) -> dict[str, Any]:
+    src = Pool.open(cfg.pool)
+    if src.meta.build["settings"].get("ensemble"):
+        raise BenchError("this benchmark rebuilds experts of a single-oracle pool; "
+                         f"{cfg.pool} has a multi-teacher oracle")
+    names = src.hierarchy.task_names
+    tasks = cfg.tasks or tuple(names)
+    for task in tasks:
+        src.hierarchy.class_ids(task)  # unknown names list the valid tasks
+    work = Path(cfg.work) if cfg.work else Path(cfg.out) / SECTION / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    hierarchy = work / "hierarchy.json"
+    classes = src.meta.dataset.class_names
+    hierarchy.write_text(json.dumps({t: [classes[i] for i in src.hierarchy.class_ids(t)] for t in tasks}))
+    host = machine()
+    started = time.perf_counter()
+    runs = {mode: build_once(mode, src, cfg, hierarchy, work) for mode in MODES}
+    return {"config": asdict(cfg), "pool_id": src.meta.pool_id, "machine": asdict(host),
+            "cache_dtype": src.meta.build["settings"]["cache_dtype"],
+            "seconds": round(time.perf_counter() - started, 1),
+            "runs": runs, "comparison": compare(runs)}
+
+
+# --------------------------------------------------------------------------- report
+
+def headlines(result: dict[str, Any]) -> list[Headline]:
+    c = result["comparison"]
+    return [
+        Headline("cached vs online expert extraction throughput (same epochs)",
+                 f"{ratio_text(c['ratio'])} (CPU time {ratio_text(c['cpu_ratio'])})",
+                 f">= {TARGET_RATIO:.0f}x", c["ratio"] >= TARGET_RATIO, round(c["ratio"], 2)),
+        Headline("accuracy, cached minus online (worst expert or composite)",
+                 f"{c['max_abs_diff_points']:.2f} points", f"<= {TARGET_POINTS} points",
+                 c["max_abs_diff_points"] <= TARGET_POINTS, round(c["max_abs_diff_points"], 3)),
+        Headline("whole build after oracle and library, online vs cached (caches included)",
+                 ratio_text(c["end_to_end_ratio"]), "-", None, round(c["end_to_end_ratio"], 2)),
+    ]
+
+
+def markdown(result: dict[str, Any], plots: list[str]) -> str:
+    runs, c, m = result["runs"], result["comparison"], result["machine"]
+    cached, online = runs["cached"], runs["online"]
+    stage_rows = [[mode, f"{r['before_experts_s']:.1f} s", f"{r['experts_s']:.1f} s", f"{r['experts_cpu_s']:.1f} s",
+                   f"{r['total_s']:.1f} s", f"{c['throughput'][mode]:,.0f}", f"{r['load_average_after'][0]:.2f}",
+                   r["pool_id"]] for mode, r in runs.items()]
+    acc_rows = [[t, f"{100 * cached['experts'][t]['accuracy']:.2f} %",
+                 f"{100 * online['experts'][t]['accuracy']:.2f} %",
+                 f"{c['accuracy_diff_points'][t]:+.2f}", f"{100 * cached['experts'][t]['oracle_accuracy']:.2f} %",
+                 f"{cached['experts'][t]['seconds']:.1f} s", f"{online['experts'][t]['seconds']:.1f} s"]
+                for t in cached["experts"]]
+    comp = cached["composite"]
+    acc_rows.append([f"composite {','.join(comp['tasks'])}", f"{100 * comp['accuracy']:.2f} %",
+                     f"{100 * online['composite']['accuracy']:.2f} %", f"{c['accuracy_diff_points']['composite']:+.2f}",
+                     f"{100 * comp['oracle_accuracy']:.2f} %", "", ""])
+    return "\n".join([
+        "# Build throughput: cached teacher outputs vs the online loop", "",
+        f"Pool `{result['pool_id']}`; {describe_machine(m, result['config']['threads'])}. "
+        f"Whole run {result['seconds']:.0f} s.", "",
+        f"Experts {', '.join(cached['experts'])}, {cached['epochs']} epochs each over {cached['train_images']:,} "
+        f"training images ({c['images_per_mode']:,} expert training images per mode), in two ordinary `build_pool` "
+        f"runs from the same oracle and library. *cached*: oracle logits (float32) and library features "
+        f"({result['cache_dtype']}) computed once, experts trained from the memory-mapped cache. *online*: "
+        "`--online`, oracle and library re-run on every batch. *Before experts* covers loading data, evaluating "
+        "oracle and library on the test images and, for *cached*, computing the caches.", "",
+        markdown_table(["mode", "before experts", "experts", "experts, CPU time", "whole build", "expert images/s",
+                        "load average after", "pool id"], stage_rows),
+        "", f"**Expert extraction throughput, cached vs online: {ratio_text(c['ratio'])}** wall clock (target >= "
+        f"{TARGET_RATIO:.0f}x), {ratio_text(c['cpu_ratio'])} in process CPU time (all threads; less sensitive to "
+        f"other work on the machine); whole build including the caches: {ratio_text(c['end_to_end_ratio'])}.", "",
+        markdown_table(["expert", "cached acc", "online acc", "diff (points)", "oracle (restricted)",
+                        "cached time", "online time"], acc_rows), "",
+        f"Largest accuracy difference: {c['max_abs_diff_points']:.2f} points (target <= {TARGET_POINTS}).", "",
+        *figure_links(plots), ""])
+
+
+def plot(result: dict[str, Any], out: Path) -> list[str]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    runs = result["runs"]
+    tasks = list(runs["cached"]["experts"])
+    images = result["runs"]["cached"]["train_images"] * result["runs"]["cached"]["epochs"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.38
+    for i, mode in enumerate(MODES):
+        xs = [k + (i - 0.5) * width for k in range(len(tasks))]
+        left.bar(xs, [images / runs[mode]["experts"][t]["seconds"] for t in tasks], width, label=mode)
+        right.bar(xs, [100 * runs[mode]["experts"][t]["accuracy"] for t in tasks], width, label=mode)
+    for ax, title in ((left, "expert training images / s (log)"), (right, "expert test accuracy %")):
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    left.set_yscale("log")
+    low = min(100 * runs[m]["experts"][t]["accuracy"] for m in MODES for t in tasks)
+    right.set_ylim(max(0.0, low - 5), 100.5)
+    return [save_figure(fig, out / "throughput.png")]
+
+
+def render(result: dict[str, Any], out_root: Path) -> Path:
+    out = out_root / SECTION
+    plots = plot(result, out)
+    return write_section(out, result, markdown(result, plots), headlines(result))
+
+
+def parser() -> BenchArgumentParser:
+    ap = BenchArgumentParser(prog="build_throughput.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", default=ThroughputConfig.pool, help="a built single-oracle pool directory")
+    ap.add_argument("--out", default=ThroughputConfig.out, help=f"results go to OUT/{SECTION}/")
+    ap.add_argument("--quick", action="store_true", help="two experts, two epochs (default: all, the pool's epochs)")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--tasks", help="comma-separated primitive tasks of the pool")
+    ap.add_argument("--epochs", type=int, help="expert epochs for both modes")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--work", help="scratch pool directories")
+    return ap
+
+
+def config_from_args(args: Any, pool: Pool) -> ThroughputConfig:
+    settings = dict(PROFILES["quick" if args.quick else "full"])
+    for f in fields(ThroughputConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "tasks":
+            settings[f.name] = value
+    if args.tasks is not None:
+        settings["tasks"] = tuple(choose(args.tasks, pool.hierarchy.task_names, "task"))
+    return ThroughputConfig(**settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not (Path(args.pool) / "pool.json").is_file():
+        raise BenchError(f"no pool at {args.pool} (pool.json missing); build one with `pool-builder build --out DIR`")
+    cfg = config_from_args(args, Pool.open(args.pool))
+    out = render(run(cfg), Path(cfg.out))
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
