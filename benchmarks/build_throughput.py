@@ -29,8 +29,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose, describe_machine,  # noqa: E402
-                               figure_links, machine, markdown_table, pyplot, ratio_text, run_main, save_figure,
-                               share_files, write_section)
+                               figure_links, machine, markdown_table, pyplot, ratio_text, render_section, run_main,
+                               save_figure, share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
 from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -237,9 +237,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 
 def render(result: dict[str, Any], out_root: Path) -> Path:
-    out = out_root / SECTION
-    plots = plot(result, out)
-    return write_section(out, result, markdown(result, plots), headlines(result))
+    return render_section(out_root / SECTION, result, plot, markdown, headlines)
 
 
 def parser() -> BenchArgumentParser:

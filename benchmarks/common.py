@@ -17,7 +17,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json
 
@@ -138,6 +138,16 @@ def write_section(out: Path, result: dict[str, Any], markdown: str, headlines: I
 
 
 NO_PLOTS = "Plots skipped: matplotlib is not installed (`pip install -e '.[bench]'`, or `make bench`)."
+
+
+def render_section(out: Path, result: dict[str, Any], plot: Callable[[dict[str, Any], Path], list[str]],
+                   markdown: Callable[[dict[str, Any], list[str]], str],
+                   headlines: Callable[[dict[str, Any]], list[Headline]]) -> Path:
+    """Plots, report and headlines of a measured result; the raw numbers are saved first, so they survive."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULT_FILE, result)
+    plots = plot(result, out)
+    return write_section(out, result, markdown(result, plots), headlines(result))
 
 
 def pyplot() -> Any | None:

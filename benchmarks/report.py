@@ -9,6 +9,7 @@ recorded in ``<out>/run.json`` when there is one.  Reads only files, so it can
 re-assemble an old run.
 
     python benchmarks/report.py --out runs/bench
+    python benchmarks/report.py --out runs/bench --publish docs/bench     # what the README links to
 """
 
 from __future__ import annotations
@@ -136,11 +137,29 @@ def assemble(out: Path) -> Path:
     return path
 
 
+def publish(out: Path, dest: Path) -> list[Path]:
+    """Copy ``REPORT.md`` and every section's plots to ``dest`` (e.g. ``docs/bench``), keeping the links valid."""
+    if not (out / REPORT_NAME).is_file():
+        raise BenchError(f"{out / REPORT_NAME} does not exist; assemble the report first")
+    files = [out / REPORT_NAME] + sorted(p for s in SECTIONS for p in (out / s.name).glob("*.png"))
+    copied = []
+    for src in files:
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, src.read_bytes())
+        copied.append(target)
+    return copied
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = BenchArgumentParser(prog="report.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the directory the section scripts wrote into")
-    path = assemble(Path(ap.parse_args(argv).out))
+    ap.add_argument("--publish", metavar="DIR", help="also copy REPORT.md and the plots there (e.g. docs/bench)")
+    args = ap.parse_args(argv)
+    path = assemble(Path(args.out))
     print(f"wrote {path}")
+    if args.publish:
+        print(f"copied {len(publish(Path(args.out), Path(args.publish)))} files to {args.publish}")
     return 0
 
 

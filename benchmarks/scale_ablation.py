@@ -23,8 +23,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchArgumentParser, BenchError, Headline, describe_machine, figure_links,  # noqa: E402
-                               floats, machine, markdown_table, pyplot, run_main, save_figure, share_files,
-                               write_section)
+                               floats, machine, markdown_table, pyplot, render_section, run_main, save_figure,
+                               share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
 from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -137,7 +137,7 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
                          f"{100 * r['poe_accuracy']:.2f} %", f"{100 * r['oracle_accuracy']:.2f} %",
                          f"{r['gap_points']:+.2f}", r["errors"], r["cross_expert_errors"],
                          f"{100 * r['cross_expert_error_share']:.1f} %"])
-    gaps = [[f"{a:g}", "reused (the pool's)" if e["reused"] else f"{e['seconds']:.0f} s",
+    gaps = [[a, "reused (the pool's)" if e["reused"] else f"{e['seconds']:.0f} s",
              *[f"{g:.2f}" for g in e["mean_abs_logit_gap"].values()]] for a, e in result["experts"].items()]
     tasks = list(next(iter(result["experts"].values()))["mean_abs_logit_gap"])
     return "\n".join([
@@ -172,9 +172,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 
 def render(result: dict[str, Any], out_root: Path) -> Path:
-    out = out_root / SECTION
-    plots = plot(result, out)
-    return write_section(out, result, markdown(result, plots), headlines(result))
+    return render_section(out_root / SECTION, result, plot, markdown, headlines)
 
 
 def parser() -> BenchArgumentParser:

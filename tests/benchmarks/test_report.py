@@ -47,3 +47,15 @@ def test_embed_and_rebase_units():
     assert title == "T"
     assert body == "### A\n[a](sec/b.md#x) [c](#anchor) [d](http://e)"
     assert rebase_links("![p](dir/p.png)", "s") == "![p](s/dir/p.png)"
+
+
+def test_publish_copies_report_and_plots_with_the_same_layout(tmp_path):
+    from benchmarks.report import publish
+
+    _section(tmp_path / "run", "scale_ablation", "# Ablation\n\n![a](scale_ablation.png)\n")
+    (tmp_path / "run" / "scale_ablation" / "scale_ablation.png").write_bytes(b"\x89PNG fake")
+    assemble(tmp_path / "run")
+    copied = publish(tmp_path / "run", tmp_path / "docs")
+    assert sorted(p.relative_to(tmp_path / "docs").as_posix() for p in copied) == [
+        "REPORT.md", "scale_ablation/scale_ablation.png"]
+    assert "](scale_ablation/scale_ablation.png)" in (tmp_path / "docs" / "REPORT.md").read_text()
