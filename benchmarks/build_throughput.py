@@ -22,15 +22,16 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose, describe_machine,  # noqa: E402
-                               figure_links, machine, markdown_table, pyplot, ratio_text, render_section, run_main,
-                               save_figure, share_files)
+                               figure_links, machine, markdown_table, print_report, profile_settings,
+                               pyplot, ratio_text, SectionConfig, render_section, require_pool,
+                               run_main, save_figure, section_parser, share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
 from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -43,11 +44,9 @@ TARGET_POINTS = 0.3
 
 
 @dataclass(frozen=True)
-class ThroughputConfig:
+class ThroughputConfig(SectionConfig):
     """Which experts are extracted and for how long; ``None`` means the pool's own setting."""
 
-    pool: str = "runs/demo/pool"
-    out: str = "runs/bench"
     data_dir: str | None = None
     tasks: tuple[str, ...] | None = None
     epochs: int | None = None
@@ -241,10 +240,8 @@ def render(result: dict[str, Any], out_root: Path) -> Path:
 
 
 def parser() -> BenchArgumentParser:
-    ap = BenchArgumentParser(prog="build_throughput.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", default=ThroughputConfig.pool, help="a built single-oracle pool directory")
-    ap.add_argument("--out", default=ThroughputConfig.out, help=f"results go to OUT/{SECTION}/")
-    ap.add_argument("--quick", action="store_true", help="two experts, two epochs (default: all, the pool's epochs)")
+    ap = section_parser("build_throughput.py", __doc__, SECTION,
+                        "two experts, two epochs (default: all, the pool's epochs)")
     ap.add_argument("--data-dir")
     ap.add_argument("--tasks", help="comma-separated primitive tasks of the pool")
     ap.add_argument("--epochs", type=int, help="expert epochs for both modes")
@@ -253,25 +250,14 @@ def parser() -> BenchArgumentParser:
     return ap
 
 
-def config_from_args(args: Any, pool: Pool) -> ThroughputConfig:
-    settings = dict(PROFILES["quick" if args.quick else "full"])
-    for f in fields(ThroughputConfig):
-        value = getattr(args, f.name, None)
-        if value is not None and f.name != "tasks":
-            settings[f.name] = value
-    if args.tasks is not None:
-        settings["tasks"] = tuple(choose(args.tasks, pool.hierarchy.task_names, "task"))
-    return ThroughputConfig(**settings)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not (Path(args.pool) / "pool.json").is_file():
-        raise BenchError(f"no pool at {args.pool} (pool.json missing); build one with `pool-builder build --out DIR`")
-    cfg = config_from_args(args, Pool.open(args.pool))
-    out = render(run(cfg), Path(cfg.out))
-    print((out / "report.md").read_text())
-    return 0
+    require_pool(args.pool)
+    settings = profile_settings(args, PROFILES, ThroughputConfig, ("tasks",))
+    if args.tasks is not None:
+        settings["tasks"] = tuple(choose(args.tasks, Pool.open(args.pool).hierarchy.task_names, "task"))
+    cfg = ThroughputConfig(**settings)
+    return print_report(render(run(cfg), Path(cfg.out)))
 
 
 if __name__ == "__main__":

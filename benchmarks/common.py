@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, Sequence
 
@@ -36,6 +36,46 @@ class BenchArgumentParser(argparse.ArgumentParser):
 
 class BenchError(ValueError):
     """A bad argument or input found after parsing; the script prints it in one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class SectionConfig:
+    """What every section's configuration starts with: the pool measured and the run's top directory."""
+
+    pool: str = "runs/demo/pool"
+    out: str = "runs/bench"
+
+
+def section_parser(prog: str, doc: str | None, section: str, quick_help: str) -> BenchArgumentParser:
+    """The arguments every section script takes: ``--pool``, ``--out`` (results in ``OUT/<section>/``), ``--quick``."""
+    ap = BenchArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    ap.add_argument("--pool", default=SectionConfig.pool, help="a built pool directory (default: make demo's)")
+    ap.add_argument("--out", default=SectionConfig.out, help=f"results go to OUT/{section}/")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def profile_settings(args: argparse.Namespace, profiles: dict[str, dict[str, Any]], config: type,
+                     parsed_here: Sequence[str] = ()) -> dict[str, Any]:
+    """The chosen profile's settings overridden by every flag given (``parsed_here``: flags the caller parses)."""
+    settings = dict(profiles["quick" if args.quick else "full"])
+    for f in fields(config):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in parsed_here:
+            settings[f.name] = value
+    return settings
+
+
+def require_pool(path: str) -> None:
+    if not (Path(path) / "pool.json").is_file():
+        raise BenchError(f"no pool at {path} (pool.json missing); build one with `pool-builder build --out DIR` "
+                         "or run `make demo`")
+
+
+def print_report(section_dir: Path) -> int:
+    """Show the section's report on stdout (the run's log) and succeed."""
+    print((section_dir / REPORT_FILE).read_text())
+    return 0
 
 
 def choose(text: str, valid: Sequence[str], kind: str) -> list[str]:

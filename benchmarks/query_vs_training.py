@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,12 +31,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.baselines import BASELINES, Distillation, QueryData, same_architecture, train_baseline  # noqa: E402
-from benchmarks.common import (BenchArgumentParser, Headline, choose, describe_machine, figure_links,  # noqa: E402
-                               machine, markdown_table, pyplot, ratio_text, render_section, run_main, save_figure)
+from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose, describe_machine,  # noqa: E402
+                               figure_links, machine, markdown_table, print_report, profile_settings,
+                               pyplot, ratio_text, SectionConfig, render_section, require_pool,
+                               run_main, save_figure, section_parser)
 from pool_builder.cache import open_cache, read_record  # noqa: E402
 from pool_builder.consolidate import consolidate  # noqa: E402
 from pool_builder.data import Dataset, load_dataset  # noqa: E402
-from pool_builder.errors import PoolBuilderError  # noqa: E402
 from pool_builder.evaluate import Evaluator, predict_logits  # noqa: E402
 from pool_builder.models import count_parameters  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -47,11 +48,9 @@ TARGET_RATIO = 10_000.0
 
 
 @dataclass(frozen=True)
-class QueryBenchConfig:
+class QueryBenchConfig(SectionConfig):
     """What one run measures; ``PROFILES`` hold the quick and full defaults."""
 
-    pool: str = "runs/demo/pool"
-    out: str = "runs/bench"
     data_dir: str | None = None
     queries: tuple[str, ...] = ()
     baselines: tuple[str, ...] = tuple(BASELINES)
@@ -63,9 +62,9 @@ class QueryBenchConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.evals_per_epoch < 1 or self.repeats < 1 or self.threads < 1:
-            raise PoolBuilderError("epochs, evals per epoch, repeats and threads must be >= 1")
+            raise BenchError("epochs, evals per epoch, repeats and threads must be >= 1")
         if len(self.queries) < 1:
-            raise PoolBuilderError("name at least one query")
+            raise BenchError("name at least one query")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -82,7 +81,7 @@ def pool_dataset(pool: Pool, data_dir: str | None) -> Dataset:
     settings = pool.meta.build.get("settings", {})
     full = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
     if tuple(full.class_names) != tuple(pool.meta.dataset.class_names):
-        raise PoolBuilderError(f"data set classes {list(full.class_names)} differ from the pool's "
+        raise BenchError(f"data set classes {list(full.class_names)} differ from the pool's "
                                f"{pool.meta.dataset.class_names}")
     return full.limited(settings.get("train_limit"), settings.get("test_limit"), int(settings.get("seed", 0)))
 
@@ -321,10 +320,7 @@ def render(result: dict[str, Any], out_root: Path) -> Path:
 
 
 def parser() -> BenchArgumentParser:
-    ap = BenchArgumentParser(prog="query_vs_training.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", default=QueryBenchConfig.pool, help="a built pool directory")
-    ap.add_argument("--out", default=QueryBenchConfig.out, help=f"results go to OUT/{SECTION}/")
-    ap.add_argument("--quick", action="store_true", help="the quick profile (default: full)")
+    ap = section_parser("query_vs_training.py", __doc__, SECTION, "the quick profile (default: full)")
     ap.add_argument("--data-dir")
     ap.add_argument("--queries", help="queries separated by ';', e.g. 'footwear,tops;bottoms,bags'")
     ap.add_argument("--baselines", help=f"comma-separated, from: {', '.join(BASELINES)}")
@@ -337,11 +333,7 @@ def parser() -> BenchArgumentParser:
 
 
 def config_from_args(args: Any) -> QueryBenchConfig:
-    settings = dict(PROFILES["quick" if args.quick else "full"])
-    for f in fields(QueryBenchConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            settings[f.name] = value
+    settings = profile_settings(args, PROFILES, QueryBenchConfig, ("queries", "baselines"))
     if args.queries is not None:
         settings["queries"] = tuple(q for q in args.queries.split(";") if q.strip())
     if args.baselines is not None:
@@ -351,12 +343,8 @@ def config_from_args(args: Any) -> QueryBenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(parser().parse_args(argv))
-    if not (Path(cfg.pool) / "pool.json").is_file():
-        raise PoolBuilderError(f"no pool at {cfg.pool} (pool.json missing); build one with "
-                               "`pool-builder build --out DIR` or run `make demo`")
-    out = render(run(cfg), Path(cfg.out))
-    print((out / "report.md").read_text())
-    return 0
+    require_pool(cfg.pool)
+    return print_report(render(run(cfg), Path(cfg.out)))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (BenchArgumentParser, BenchError, Headline, describe_machine, figure_links,  # noqa: E402
-                               floats, machine, markdown_table, pyplot, render_section, run_main, save_figure,
-                               share_files)
+from benchmarks.common import (BenchArgumentParser, BenchError, Headline, describe_machine,  # noqa: E402
+                               figure_links, floats, machine, markdown_table, print_report,
+                               profile_settings, pyplot, SectionConfig, render_section, require_pool,
+                               run_main, save_figure, section_parser, share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
 from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
@@ -37,11 +38,9 @@ DEFAULT_QUERIES = ("footwear,tops", "bottoms,bags", "tops,bottoms,footwear", "to
 
 
 @dataclass(frozen=True)
-class AblationConfig:
+class AblationConfig(SectionConfig):
     """The alphas to compare; alpha 0 is L_soft only."""
 
-    pool: str = "runs/demo/pool"
-    out: str = "runs/bench"
     alphas: tuple[float, ...] = (0.0, 0.3)
     queries: tuple[str, ...] = DEFAULT_QUERIES
     threads: int | None = None
@@ -176,10 +175,7 @@ def render(result: dict[str, Any], out_root: Path) -> Path:
 
 
 def parser() -> BenchArgumentParser:
-    ap = BenchArgumentParser(prog="scale_ablation.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", default=AblationConfig.pool, help="a built pool with its cache/ directory")
-    ap.add_argument("--out", default=AblationConfig.out, help=f"results go to OUT/{SECTION}/")
-    ap.add_argument("--quick", action="store_true", help="alphas 0, 0.3, 1 (default: 0, 0.1, 0.3, 1, 3)")
+    ap = section_parser("scale_ablation.py", __doc__, SECTION, "alphas 0, 0.3, 1 (default: 0, 0.1, 0.3, 1, 3)")
     ap.add_argument("--alphas", help="comma-separated, must include 0")
     ap.add_argument("--queries", help="queries separated by ';'")
     ap.add_argument("--threads", type=int)
@@ -188,18 +184,14 @@ def parser() -> BenchArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings: dict[str, Any] = {**PROFILES["quick" if args.quick else "full"], "pool": args.pool, "out": args.out,
-                                "threads": args.threads}
+    settings = profile_settings(args, PROFILES, AblationConfig, ("alphas", "queries"))
     if args.alphas is not None:
         settings["alphas"] = tuple(floats(args.alphas, "--alphas"))
     if args.queries is not None:
         settings["queries"] = tuple(q for q in args.queries.split(";") if q.strip())
     cfg = AblationConfig(**settings)
-    if not (Path(args.pool) / "pool.json").is_file():
-        raise BenchError(f"no pool at {args.pool} (pool.json missing); build one with `pool-builder build --out DIR`")
-    out = render(run(cfg), Path(args.out))
-    print((out / "report.md").read_text())
-    return 0
+    require_pool(cfg.pool)
+    return print_report(render(run(cfg), Path(cfg.out)))
 
 
 if __name__ == "__main__":
