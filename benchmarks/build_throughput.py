@@ -1,15 +1,17 @@
 """Build throughput: expert extraction from cached teacher outputs vs the online loop (EDL-Dist's separation).
 
 Builds the same experts twice from one pool's oracle and library, with the same
-settings and epochs: once the default way (oracle logits and library features
-computed once into ``cache/``, experts trained from the memory-mapped cache),
-once with ``--online`` (oracle and library re-run on every batch, as the
+settings and epochs: the default way (oracle logits and library features
+computed once into ``cache/``, experts trained from the memory-mapped cache)
+and with ``--online`` (oracle and library re-run on every batch, as the
 authors' code does).  Both are ordinary ``build_pool`` runs into fresh pool
 directories that share only the finished oracle and library stages, so the
-cached run pays for computing its caches.  Reports expert-extraction
-throughput (training images per second) and its ratio, the whole build's
-ratio including the caches, and the accuracy of every expert and of the
-composite query in both modes.  Writes ``<out>/build_throughput/``.
+cached mode pays for computing its caches; the modes alternate expert by
+expert so that a change in the machine's load reaches both.  Reports
+expert-extraction throughput (training images per second, wall and CPU time)
+and its ratio, the ratio with the caches' one-time cost counted, and the
+accuracy of every expert and of the composite query in both modes.  Writes
+``<out>/build_throughput/``.
 
     python benchmarks/build_throughput.py --pool runs/demo/pool --out runs/bench --quick
     python benchmarks/build_throughput.py --pool runs/demo/pool --out runs/bench    # all tasks, the pool's epochs
@@ -50,7 +52,9 @@ class ThroughputConfig(SectionConfig):
     data_dir: str | None = None
     tasks: tuple[str, ...] | None = None
     epochs: int | None = None
-    threads: int = 2
+    # One torch thread: its CPU time is the work done, whatever else runs on the machine (with two, OpenMP
+    # threads spin while their partner waits for a core, and CPU time measures the neighbours too).
+    threads: int = 1
     work: str | None = None  # scratch pool directories (default OUT/build_throughput/work)
 
     def __post_init__(self) -> None:
@@ -70,8 +74,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 class Timeline:
     """The build's log lines with wall and process-CPU seconds since it started.
 
-    CPU seconds (all of the process's threads) barely change when other work
-    shares the machine, wall seconds do: the report gives both.
+    With one torch thread, CPU seconds barely change when other work shares
+    the machine, wall seconds do: the report gives both.
     """
 
     def __init__(self) -> None:
@@ -88,52 +92,71 @@ class Timeline:
         return next((wall, cpu) for wall, cpu, line in self.lines if marker in line)
 
 
-def build_once(mode: str, src: Pool, cfg: ThroughputConfig, hierarchy: Path, work: Path) -> dict[str, Any]:
-    """One ``build_pool`` of the selected experts in ``mode``; stage times and accuracies."""
+def build_step(mode: str, src: Pool, cfg: ThroughputConfig, tasks: Sequence[str], work: Path) -> dict[str, Any]:
+    """One ``build_pool`` in ``mode`` of a pool holding ``tasks``: it reuses the experts built before, so exactly
+    the last task's expert is trained.  Alternating the modes task by task spreads changes in the machine's load
+    over both modes instead of one."""
     out = work / mode
-    shutil.rmtree(out, ignore_errors=True)
-    share_files(src.dir, out, TRAINED)
+    if len(tasks) == 1:
+        shutil.rmtree(out, ignore_errors=True)
+        share_files(src.dir, out, TRAINED)
+    hierarchy = work / f"hierarchy-{mode}.json"
+    classes = src.meta.dataset.class_names
+    hierarchy.write_text(json.dumps({t: [classes[i] for i in src.hierarchy.class_ids(t)] for t in tasks}))
     settings = {**src.meta.build["settings"], "out": str(out), "online": mode == "online",
                 "hierarchy": str(hierarchy), "threads": cfg.threads}
     if cfg.epochs is not None:
         settings["expert_epochs"] = cfg.epochs
     if cfg.data_dir is not None:
         settings["data_dir"] = cfg.data_dir
-    print(f"[{mode}] building experts", file=sys.stderr, flush=True)
+    task = tasks[-1]
+    print(f"[{mode}] expert {task}", file=sys.stderr, flush=True)
     timeline = Timeline()
-    meta = build_pool(BuildConfig(**settings), log=timeline, show_progress=False)
-    total = time.perf_counter() - timeline.start
-    retrained = [line for _w, _c, line in timeline.lines if "[oracle] running" in line or "[library] running" in line]
-    if retrained:
-        raise BenchError(f"the {mode} build retrained a shared stage ({retrained[0]}): the pool's stages do not "
-                         "match its settings")
-    experts = {t: {"seconds": e.metrics["build_seconds"], "accuracy": e.metrics["accuracy"],
-                   "oracle_accuracy": e.metrics["oracle_accuracy"], "test_images": e.metrics["test_images"],
-                   "mean_abs_logit_gap": e.metrics["mean_abs_logit_gap"]} for t, e in meta.experts.items()}
-    begin, end = timeline.first("[expert-"), timeline.first("pool written")
-    pool = Pool.open(out)
-    query = Evaluator(pool, held_out_split(pool, cfg.data_dir)).query(list(meta.experts))
-    return {"mode": mode, "pool_id": meta.pool_id, "train_images": meta.build["train_images"],
-            "epochs": settings.get("expert_epochs"), "total_s": round(total, 2),
-            "before_experts_s": round(begin[0], 2), "experts_s": round(end[0] - begin[0], 2),
-            "experts_cpu_s": round(end[1] - begin[1], 2), "load_average_after": list(os.getloadavg()),
-            "experts": experts,
+    build_pool(BuildConfig(**settings), log=timeline, show_progress=False)
+    ran = [line for _w, _c, line in timeline.lines if "] running" in line and f"[expert-{task}]" not in line]
+    if ran:
+        raise BenchError(f"the {mode} build retrained a shared stage ({ran[0]}): the pool's stages do not match "
+                         "its settings")
+    (w0, c0), (w1, c1) = timeline.first(f"[expert-{task}] running"), timeline.first(f"[expert-{task}] finished")
+    return {"mode": mode, "task": task, "before_experts_s": round(timeline.first("[expert-")[0], 2),
+            "expert_s": round(w1 - w0, 2), "expert_cpu_s": round(c1 - c0, 2),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def summarize(mode: str, steps: list[dict[str, Any]], pool_dir: Path, data_dir: str | None) -> dict[str, Any]:
+    """A mode's experts (time from its steps, accuracy from its pool) and its composite query over all of them."""
+    pool = Pool.open(pool_dir)
+    times = {s["task"]: s for s in steps}
+    experts = {t: {"seconds": times[t]["expert_s"], "cpu_s": times[t]["expert_cpu_s"],
+                   "accuracy": e.metrics["accuracy"], "oracle_accuracy": e.metrics["oracle_accuracy"],
+                   "test_images": e.metrics["test_images"], "mean_abs_logit_gap": e.metrics["mean_abs_logit_gap"]}
+               for t, e in pool.meta.experts.items()}
+    query = Evaluator(pool, held_out_split(pool, data_dir)).query(list(experts))
+    return {"mode": mode, "pool_id": pool.meta.pool_id, "train_images": pool.meta.build["train_images"],
+            "epochs": pool.meta.build["settings"]["expert_epochs"], "steps": steps, "experts": experts,
+            "experts_s": round(sum(e["seconds"] for e in experts.values()), 2),
+            "experts_cpu_s": round(sum(e["cpu_s"] for e in experts.values()), 2),
             "composite": {"tasks": query.tasks, "accuracy": query.poe_accuracy,
                           "oracle_accuracy": query.oracle_accuracy, "test_images": query.test_images}}
 
 
 def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Throughputs, their ratio, and accuracy differences (points, cached minus online)."""
+    """Throughputs, their ratios, and accuracy differences (points, cached minus online).
+
+    The caches' one-time cost is what the cached mode's first build spent before its expert beyond what the
+    online mode's first build spent (both load the data and evaluate oracle and library on the test images).
+    """
     cached, online = runs["cached"], runs["online"]
     images = cached["train_images"] * cached["epochs"] * len(cached["experts"])
+    caches_s = max(0.0, cached["steps"][0]["before_experts_s"] - online["steps"][0]["before_experts_s"])
     diffs = {t: 100 * (cached["experts"][t]["accuracy"] - online["experts"][t]["accuracy"])
              for t in cached["experts"]}
     diffs["composite"] = 100 * (cached["composite"]["accuracy"] - online["composite"]["accuracy"])
-    return {"images_per_mode": images,
+    return {"images_per_mode": images, "caches_s": round(caches_s, 2),
             "throughput": {m: images / r["experts_s"] for m, r in runs.items()},
             "ratio": online["experts_s"] / cached["experts_s"],
             "cpu_ratio": online["experts_cpu_s"] / cached["experts_cpu_s"],
-            "end_to_end_ratio": online["total_s"] / cached["total_s"],
+            "end_to_end_ratio": online["experts_s"] / (cached["experts_s"] + caches_s),
             "accuracy_diff_points": diffs, "max_abs_diff_points": max(abs(d) for d in diffs.values())}
 
 
@@ -142,22 +165,21 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
     if src.meta.build["settings"].get("ensemble"):
         raise BenchError("this benchmark rebuilds experts of a single-oracle pool; "
                          f"{cfg.pool} has a multi-teacher oracle")
-    names = src.hierarchy.task_names
-    tasks = cfg.tasks or tuple(names)
+    tasks = cfg.tasks or tuple(src.hierarchy.task_names)
     for task in tasks:
         src.hierarchy.class_ids(task)  # unknown names list the valid tasks
     work = Path(cfg.work) if cfg.work else Path(cfg.out) / SECTION / "work"
     work.mkdir(parents=True, exist_ok=True)
-    hierarchy = work / "hierarchy.json"
-    classes = src.meta.dataset.class_names
-    hierarchy.write_text(json.dumps({t: [classes[i] for i in src.hierarchy.class_ids(t)] for t in tasks}))
     host = machine()
     started = time.perf_counter()
-    runs = {mode: build_once(mode, src, cfg, hierarchy, work) for mode in MODES}
+    steps: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    for i in range(len(tasks)):
+        for mode in MODES:
+            steps[mode].append(build_step(mode, src, cfg, tasks[: i + 1], work))
+    runs = {mode: summarize(mode, steps[mode], work / mode, cfg.data_dir) for mode in MODES}
     return {"config": asdict(cfg), "pool_id": src.meta.pool_id, "machine": asdict(host),
             "cache_dtype": src.meta.build["settings"]["cache_dtype"],
-            "seconds": round(time.perf_counter() - started, 1),
-            "runs": runs, "comparison": compare(runs)}
+            "seconds": round(time.perf_counter() - started, 1), "runs": runs, "comparison": compare(runs)}
 
 
 # --------------------------------------------------------------------------- report
@@ -165,47 +187,54 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
 def headlines(result: dict[str, Any]) -> list[Headline]:
     c = result["comparison"]
     return [
-        Headline("cached vs online expert extraction throughput (same epochs)",
-                 f"{ratio_text(c['ratio'])} (CPU time {ratio_text(c['cpu_ratio'])})",
-                 f">= {TARGET_RATIO:.0f}x", c["ratio"] >= TARGET_RATIO, round(c["ratio"], 2)),
+        Headline("cached vs online expert extraction throughput (same epochs, CPU time of one thread)",
+                 f"{ratio_text(c['cpu_ratio'])} (wall clock {ratio_text(c['ratio'])})",
+                 f">= {TARGET_RATIO:.0f}x", c["cpu_ratio"] >= TARGET_RATIO, round(c["cpu_ratio"], 2)),
         Headline("accuracy, cached minus online (worst expert or composite)",
                  f"{c['max_abs_diff_points']:.2f} points", f"<= {TARGET_POINTS} points",
                  c["max_abs_diff_points"] <= TARGET_POINTS, round(c["max_abs_diff_points"], 3)),
-        Headline("whole build after oracle and library, online vs cached (caches included)",
+        Headline("experts, online vs cached including the one-time caches",
                  ratio_text(c["end_to_end_ratio"]), "-", None, round(c["end_to_end_ratio"], 2)),
     ]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
 
 
 def markdown(result: dict[str, Any], plots: list[str]) -> str:
     runs, c, m = result["runs"], result["comparison"], result["machine"]
     cached, online = runs["cached"], runs["online"]
-    stage_rows = [[mode, f"{r['before_experts_s']:.1f} s", f"{r['experts_s']:.1f} s", f"{r['experts_cpu_s']:.1f} s",
-                   f"{r['total_s']:.1f} s", f"{c['throughput'][mode]:,.0f}", f"{r['load_average_after'][0]:.2f}",
-                   r["pool_id"]] for mode, r in runs.items()]
-    acc_rows = [[t, f"{100 * cached['experts'][t]['accuracy']:.2f} %",
-                 f"{100 * online['experts'][t]['accuracy']:.2f} %",
-                 f"{c['accuracy_diff_points'][t]:+.2f}", f"{100 * cached['experts'][t]['oracle_accuracy']:.2f} %",
+    mode_rows = [[mode, f"{c['caches_s']:.1f} s" if mode == "cached" else "-", f"{r['experts_s']:.1f} s",
+                  f"{r['experts_cpu_s']:.1f} s", f"{c['throughput'][mode]:,.0f}", r["pool_id"]]
+                 for mode, r in runs.items()]
+    order = ", ".join(f"{s['mode']} {s['task']} ({s['expert_s']:.1f} s, load {s['load_average_after'][0]:.1f})"
+                      for pair in zip(cached["steps"], online["steps"]) for s in pair)
+    acc_rows = [[t, _pct(cached["experts"][t]["accuracy"]), _pct(online["experts"][t]["accuracy"]),
+                 f"{c['accuracy_diff_points'][t]:+.2f}", _pct(cached["experts"][t]["oracle_accuracy"]),
                  f"{cached['experts'][t]['seconds']:.1f} s", f"{online['experts'][t]['seconds']:.1f} s"]
                 for t in cached["experts"]]
     comp = cached["composite"]
-    acc_rows.append([f"composite {','.join(comp['tasks'])}", f"{100 * comp['accuracy']:.2f} %",
-                     f"{100 * online['composite']['accuracy']:.2f} %", f"{c['accuracy_diff_points']['composite']:+.2f}",
-                     f"{100 * comp['oracle_accuracy']:.2f} %", "", ""])
+    acc_rows.append([f"composite {','.join(comp['tasks'])}", _pct(comp["accuracy"]),
+                     _pct(online["composite"]["accuracy"]), f"{c['accuracy_diff_points']['composite']:+.2f}",
+                     _pct(comp["oracle_accuracy"]), "", ""])
     return "\n".join([
         "# Build throughput: cached teacher outputs vs the online loop", "",
         f"Pool `{result['pool_id']}`; {describe_machine(m, result['config']['threads'])}. "
         f"Whole run {result['seconds']:.0f} s.", "",
         f"Experts {', '.join(cached['experts'])}, {cached['epochs']} epochs each over {cached['train_images']:,} "
-        f"training images ({c['images_per_mode']:,} expert training images per mode), in two ordinary `build_pool` "
-        f"runs from the same oracle and library. *cached*: oracle logits (float32) and library features "
-        f"({result['cache_dtype']}) computed once, experts trained from the memory-mapped cache. *online*: "
-        "`--online`, oracle and library re-run on every batch. *Before experts* covers loading data, evaluating "
-        "oracle and library on the test images and, for *cached*, computing the caches.", "",
-        markdown_table(["mode", "before experts", "experts", "experts, CPU time", "whole build", "expert images/s",
-                        "load average after", "pool id"], stage_rows),
-        "", f"**Expert extraction throughput, cached vs online: {ratio_text(c['ratio'])}** wall clock (target >= "
-        f"{TARGET_RATIO:.0f}x), {ratio_text(c['cpu_ratio'])} in process CPU time (all threads; less sensitive to "
-        f"other work on the machine); whole build including the caches: {ratio_text(c['end_to_end_ratio'])}.", "",
+        f"training images ({c['images_per_mode']:,} expert training images per mode), built by ordinary "
+        "`build_pool` runs from the same oracle and library. *cached*: oracle logits (float32) and library "
+        f"features ({result['cache_dtype']}) computed once, experts trained from the memory-mapped cache. "
+        "*online*: `--online`, oracle and library re-run on every batch. The modes alternate expert by expert, "
+        f"so that changes in the machine's load reach both: {order}.", "",
+        markdown_table(["mode", "computing the caches (once)", "experts", "experts, CPU time", "expert images/s",
+                        "pool id"], mode_rows),
+        "", f"**Expert extraction throughput, cached vs online: {ratio_text(c['cpu_ratio'])} in CPU time** (target "
+        f">= {TARGET_RATIO:.0f}x), {ratio_text(c['ratio'])} wall clock. With one torch thread CPU time is the work "
+        "done; wall clock also counts the time other processes held the core, and agrees with CPU time only on an "
+        "idle machine. Counting the caches' one-time cost (wall clock) against these experts alone: "
+        f"{ratio_text(c['end_to_end_ratio'])}; every further expert or epoch reuses them.", "",
         markdown_table(["expert", "cached acc", "online acc", "diff (points)", "oracle (restricted)",
                         "cached time", "online time"], acc_rows), "",
         f"Largest accuracy difference: {c['max_abs_diff_points']:.2f} points (target <= {TARGET_POINTS}).", "",

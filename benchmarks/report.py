@@ -88,6 +88,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_run(out: Path) -> dict[str, Any]:
+    """What ``run_all.py`` recorded about the run in ``out`` (empty when it did not run there)."""
+    return _read_json(out / RUN_FILE) or {}
+
+
 def _status_note(section: Section, status: dict[str, Any] | None) -> str:
     if status is None:
         return f"Not run (`python {section.script} --out OUT` writes it)."
@@ -111,14 +116,15 @@ def assemble(out: Path) -> Path:
     """Write ``<out>/REPORT.md`` from whatever sections are there."""
     if not out.is_dir():
         raise BenchError(f"{out} is not a directory of benchmark results")
-    run = _read_json(out / RUN_FILE) or {}
+    run = read_run(out)
     statuses = run.get("sections", {})
     head = ["# Benchmark report", "",
             f"Assembled {datetime.now(timezone.utc).isoformat(timespec='seconds')}."]
     if run:
-        times = ", ".join(f"{name} {status.get('seconds', 0):.0f} s" for name, status in statuses.items())
-        head.append(f"Run: {'quick' if run.get('quick') else 'full'} profile, {run.get('seconds', 0):.0f} s in all "
-                    f"({times}); pool: {run.get('pool', {}).get('note', '-')}; {describe_machine(run['machine'])}.")
+        times = ", ".join(f"{name} {status['seconds']:.0f} s" if "seconds" in status else f"{name} {status['status']}"
+                          for name, status in statuses.items())
+        head.append(f"Run: {'quick' if run.get('quick') else 'full'} profile; sections {times}; pool: "
+                    f"{run.get('pool', {}).get('note', '-')}; {describe_machine(run['machine'])}.")
     head += ["", "Comparisons were run side by side in the same run and are given as ratios; absolute times hold "
              "only for the machine named in each section.", "", "## Summary", ""]
     rows = summary_rows(out)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import BenchArgumentParser, BenchError, choose, machine, run_main  # noqa: E402
-from benchmarks.report import RUN_FILE, SECTIONS, Section, assemble  # noqa: E402
+from benchmarks.report import RUN_FILE, SECTIONS, Section, assemble, read_run  # noqa: E402
 from edge_runtime.atomic_io import atomic_write_json  # noqa: E402
 
 DEMO_POOL = ROOT / "runs" / "demo" / "pool"
@@ -106,8 +106,11 @@ def run(cfg: RunConfig) -> int:
         rc = stream(command_for(section, cfg, pool), cfg.out / section.name / "run.log")
         statuses[section.name] = {"status": "ok" if rc == 0 else "failed", "rc": rc,
                                   "seconds": round(time.perf_counter() - t0, 1)}
+    earlier = read_run(cfg.out)  # sections not rerun keep their results and their record
+    kept = earlier.get("sections", {}) if earlier.get("quick") == cfg.quick else {}
     atomic_write_json(cfg.out / RUN_FILE, {"quick": cfg.quick, "pool": pool_note, "machine": asdict(host),
-                                           "seconds": round(time.perf_counter() - started, 1), "sections": statuses})
+                                           "seconds": round(time.perf_counter() - started, 1),
+                                           "sections": {**kept, **statuses}})
     report = assemble(cfg.out)
     failed = [name for name, s in statuses.items() if s["status"] == "failed"]
     print(f"wrote {report} in {time.perf_counter() - started:.0f} s"
