@@ -1,5 +1,5 @@
-# Two commands for a newcomer: `make demo` and `make test`.  Both create or refresh
-# .venv and install what they need (the Fashion-MNIST Debian package included).
+# Two commands for a newcomer: `make demo` and `make test` (and `make bench` for the measurements).
+# Each creates or refreshes .venv and installs what it needs (the Fashion-MNIST Debian package included).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := runs/demo
 
-.PHONY: demo test dataset venv clean
+.PHONY: demo test bench dataset venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,ray]"
 	touch $@
 
+# The benchmarks add matplotlib for their plots; `make demo` and `make test` do not need it.
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,bench]"
+	touch $@
+
 dataset:
 	@if [ ! -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
 	  echo "installing Debian package dataset-fashion-mnist"; \
@@ -39,6 +44,10 @@ demo: venv dataset
 	$(BIN)/poe-convert export --pool $(DEMO)/pool --out $(DEMO)/fragments --overwrite \
 	  --query footwear,tops --query bottoms,bags --query tops,bottoms,footwear --summary $(DEMO)/convert_summary.json
 	$(BIN)/poe-convert fuse --fragments $(DEMO)/fragments --tasks footwear,tops --out $(DEMO)/footwear_tops.onnx
+
+# Quick version of every benchmark (reuses runs/demo/pool when `make demo` built it), then runs/bench/REPORT.md.
+bench: venv $(VENV)/.installed-bench dataset
+	$(BIN)/python benchmarks/run_all.py --quick --out runs/bench
 
 test: venv $(VENV)/.installed-ray dataset
 	$(BIN)/python -m pytest -q tests
