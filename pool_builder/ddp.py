@@ -12,12 +12,13 @@ each epoch and cuts it into the same global batches as ``training.epoch_batches`
 on rows ``batch[r::N]`` of every global batch - DistributedSampler's interleaved
 split - and reads only those rows of the cached oracle logits.  It scales its loss
 by its share of the batch, so the all-reduced (averaged) gradient is the gradient
-of the global batch's mean loss.  What still differs from one process: batch norm
-normalises over each rank's part of a batch (rank 0's running statistics are
-broadcast before every forward, DDP's default), and gradients are summed in
-another order.  So the weights are close to, not bitwise equal to, a one-process
-build (README: measured tolerance).  A DDP build is repeatable: the same N, seed
-and threads per rank give the same bits.
+of the global batch's mean loss.  Batch norm takes its statistics over the whole
+global batch too (``sync_bn.py``): with per-rank statistics two ranks trained a
+measurably worse student.  What still differs from one process is rounding -
+sums over ranks in another order, batch-norm statistics in float64 - which a
+few hundred SGD steps amplify, so the weights are close to, not bitwise equal to,
+a one-process build (README: measured tolerance).  A DDP build is repeatable:
+the same N, seed and threads per rank give the same bits, on either launcher.
 
 Who does what.  Rank 0 is the build's own process (the driver): it holds the pool
 directory's lock, loads the per-epoch checkpoint and broadcasts it to the other
@@ -50,8 +51,9 @@ from .data import Normalizer
 from .errors import PoolBuilderError
 from .losses import kd_loss
 from .models import WideResNet, WRNConfig
-from .training import (Checkpoint, TrainConfig, batches_per_epoch, cached_source, epoch_batches, progress,
-                       progress_state, restore_progress, sgd_cosine)
+from .sync_bn import synchronized_batch_norm
+from .training import (Checkpoint, Source, TrainConfig, batches_per_epoch, cached_source, epoch_batches,
+                       progress, progress_state, restore_progress, sgd_cosine)
 
 MAX_LIBRARY_WORKERS = 64  # gloo over TCP between CPU processes: beyond this, communication dominates
 RANK_TIMEOUT_S = 600.0  # rendezvous and every collective; a rank silent this long fails the stage
@@ -126,21 +128,46 @@ def train_rank(student: WideResNet, rank: int, spec: RankSpec, images: Array, lo
         raise PoolBuilderError(f"{world} library ranks need at least {2 * world} training images, got {n}")
     # channels-last parameters, as the inputs are: gradients then match DDP's bucket layout (no copies, no warning)
     student.to(memory_format=torch.channels_last)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
+    loop = _RankLoop(rank, spec, images, cached_source(logits), normalizer, torch.Generator().manual_seed(cfg.seed))
     opt, sched = sgd_cosine(student.parameters(), cfg, cfg.epochs * batches_per_epoch(n, cfg.batch_size, 2 * world))
     saved = _broadcast(checkpoint.load() if checkpoint is not None else None)
-    start, last = (0, float("nan")) if saved is None else restore_progress(saved, student, opt, sched,
-                                                                           {"shuffle": shuffle})
-    model = DistributedDataParallel(student)  # broadcasts rank 0's parameters and buffers
-    teacher = cached_source(logits)
-    model.train()
-    for epoch in range(start, cfg.epochs):
+    start, last = (0, float("nan")) if saved is None else restore_progress(saved, student, opt, sched, loop.gens)
+    with synchronized_batch_norm(student):  # batch statistics over the global batch, as in one process
+        model = DistributedDataParallel(student)  # broadcasts rank 0's parameters and buffers
+        model.train()
+        for epoch in range(start, cfg.epochs):
+            last = loop.epoch(model, opt, sched, epoch, show_progress)
+            if checkpoint is not None and epoch + 1 < cfg.epochs:
+                checkpoint.save(progress_state(epoch + 1, last, student, opt, sched, loop.gens))
+    student.eval()
+    return last
+
+
+@dataclass
+class _RankLoop:
+    """One rank's view of the data: its rows of every global batch, and the teacher's logits for them."""
+
+    rank: int
+    spec: RankSpec
+    images: Array
+    teacher: Source
+    normalizer: Normalizer
+    shuffle: torch.Generator  # seeded alike on every rank, so all ranks cut the same global batches
+
+    @property
+    def gens(self) -> dict[str, torch.Generator]:
+        return {"shuffle": self.shuffle}
+
+    def epoch(self, model: DistributedDataParallel, opt: torch.optim.Optimizer, sched: Any, epoch: int,
+              show_progress: bool) -> float:
+        """One epoch; returns its mean loss over every rank's images."""
+        world, cfg = self.spec.world_size, self.spec.train
         totals = torch.zeros(2, dtype=torch.float64)
-        batches = epoch_batches(n, cfg.batch_size, shuffle, 2 * world)
+        batches = epoch_batches(len(self.images), cfg.batch_size, self.shuffle, 2 * world)
         for batch in progress(batches, f"library {epoch + 1}/{cfg.epochs}", len(batches), show_progress):
-            rows = batch[rank::world]
-            x = normalizer(images[rows])
-            loss = kd_loss(model(x), teacher(rows, x), spec.temperature)
+            rows = batch[self.rank::world]
+            x = self.normalizer(self.images[rows])
+            loss = kd_loss(model(x), self.teacher(rows, x), self.spec.temperature)
             seen = torch.stack([loss.detach().double() * len(rows), torch.tensor(len(rows), dtype=torch.float64)])
             dist.all_reduce(seen)  # every rank sees the same batch loss, so all of them stop together on a NaN
             if not math.isfinite(float(seen[0])):
@@ -151,11 +178,7 @@ def train_rank(student: WideResNet, rank: int, spec: RankSpec, images: Array, lo
             opt.step()
             sched.step()
             totals += seen
-        last = float(totals[0] / totals[1])
-        if checkpoint is not None and epoch + 1 < cfg.epochs:
-            checkpoint.save(progress_state(epoch + 1, last, student, opt, sched, {"shuffle": shuffle}))
-    student.eval()
-    return last
+        return float(totals[0] / totals[1])
 
 
 # --------------------------------------------------------------------------- helpers (ranks 1..N-1)
@@ -213,11 +236,12 @@ class LocalRanks:
         try:
             return self.context.join(timeout=timeout_s)
         except mp.ProcessRaisedException as exc:
-            raise PoolBuilderError(f"library rank {exc.error_index + 1} (pid {exc.pid}) failed: "
+            raise PoolBuilderError(f"library rank {exc.error_index + 1} (pid {exc.error_pid}) failed: "
                                    f"{_last_line(str(exc))}") from None
         except mp.ProcessExitedException as exc:
-            raise PoolBuilderError(f"library rank {exc.error_index + 1} (pid {exc.pid}) died "
-                                   f"(exit code {exc.exit_code})") from None
+            how = exc.signal_name or f"exit code {exc.exit_code}"
+            raise PoolBuilderError(f"library rank {exc.error_index + 1} (pid {exc.error_pid}) died ({how}); "
+                                   "its last epoch checkpoint is kept: run the build again to resume") from None
 
     def check(self) -> None:
         if self.context is not None:
@@ -277,8 +301,9 @@ def distill_library_parallel(student: WideResNet, images: Array, normalizer: Nor
     helpers.start(spec, images, logits, normalizer)
     try:
         where = _wait_for_helpers(store, helpers, workers, spec.timeout_s)
+        others = "rank 1" if workers == 2 else f"ranks 1-{workers - 1}"
         log(f"[library] data-parallel over {workers} ranks (gloo, {threads} torch thread(s) each): rank 0 here "
-            f"(pid {os.getpid()}), ranks 1-{workers - 1} as {helpers.kind} ({'; '.join(where)}), "
+            f"(pid {os.getpid()}), {others} as {helpers.kind} ({'; '.join(where)}), "
             f"up in {time.perf_counter() - started:.1f}s")
         dist.init_process_group("gloo", store=store, rank=0, world_size=workers,
                                 timeout=timedelta(seconds=spec.timeout_s))
