@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -289,7 +289,7 @@ def _wait_for_helpers(store: dist.TCPStore, helpers: HelperRanks, world: int, ti
 def distill_library_parallel(student: WideResNet, images: Array, normalizer: Normalizer, logits: Array,
                              cfg: TrainConfig, temperature: float, workers: int, threads: int, helpers: HelperRanks,
                              checkpoint: Checkpoint | None = None, show_progress: bool = True,
-                             log: Any = lambda _m: None) -> float:
+                             log: Callable[[str], None] = lambda _m: None) -> float:
     """KD of ``student`` (in place, as ``training.distill_student``) as rank 0 of ``workers`` DDP ranks."""
     if dist.is_initialized():
         raise PoolBuilderError("a torch.distributed process group is already up in this process; "
