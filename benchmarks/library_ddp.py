@@ -6,10 +6,16 @@ the library (the measured stage; every rank gets ``threads / N`` torch threads,
 so each run uses the same cores), its feature cache and the experts.  Reports
 the library stage's time, the student's test accuracy, each expert's and two
 composite queries' accuracy, and how far each N > 1 run lands from N = 1.
-Writes JSON + Markdown.
+Writes JSON + Markdown (library_ddp.*).
+
+Then, because one build per setting says little on a shared machine, it times
+single library epochs of the same student, interleaved ``--repeats`` times:
+one process with all threads, N ranks sharing them, and one process with one
+rank's share of them (library_ddp_epochs.*).
 
     python benchmarks/library_ddp.py --out runs/bench                  # 6,000 images, N = 1 and 2
     python benchmarks/library_ddp.py --out runs/bench --ray            # also N = 2 as Ray actors
+    python benchmarks/library_ddp.py --out runs/bench --no-builds      # only the interleaved epoch timing
     python benchmarks/library_ddp.py --out runs/bench --train-limit 2000 --library-epochs 2   # smoke run
 """
 
@@ -28,10 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pool_builder.build import build_pool, config_for  # noqa: E402
+from pool_builder.data import Normalizer, load_dataset  # noqa: E402
+from pool_builder.ddp import LocalRanks, distill_library_parallel  # noqa: E402
+from pool_builder.models import create_model  # noqa: E402
+from pool_builder.training import TrainConfig, cached_source, distill_student  # noqa: E402
 from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
 from pool_builder.pool import Pool  # noqa: E402
 from pool_builder.report import format_table, pct  # noqa: E402
@@ -77,6 +88,49 @@ def build(cfg_args: dict[str, Any], trained: Path, out: Path, workers: int, ray:
             "queries": {",".join(q): evaluator.query(list(q)).poe_accuracy for q in QUERIES}}
 
 
+def epoch_timing(cfg_args: dict[str, Any], trained: Path, workers: int, repeats: int) -> dict[str, Any]:
+    """Seconds per library epoch, the settings interleaved so that a change in the machine's load hits all."""
+    threads = cfg_args["threads"]
+    share = max(1, threads // workers)
+    data = load_dataset("fashion_mnist", cfg_args["data_dir"]).limited(cfg_args["train_limit"], 10, 0)
+    normalizer = Normalizer(data.mean, data.std)
+    logits = np.load(trained / "cache" / "oracle_logits.npy", mmap_mode="r")
+    train = TrainConfig(epochs=1, batch_size=128, lr=0.05, seed=2)
+    settings = {f"1 process x {threads} threads": (1, threads), f"{workers} ranks x {share} thread(s)": (workers, share),
+                f"1 process x {share} thread(s)": (1, share)}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    loads: list[float] = []
+    for _ in range(repeats):
+        for name, (ranks, per_rank) in settings.items():
+            torch.manual_seed(2)
+            student = create_model("wrn_16_1", in_channels=1, num_classes=10)
+            loads.append(os.getloadavg()[0])
+            started = time.perf_counter()
+            if ranks > 1:
+                distill_library_parallel(student, data.train.images, normalizer, logits, train, 4.0, ranks, per_rank,
+                                         LocalRanks(), show_progress=False)
+            else:
+                torch.set_num_threads(per_rank)
+                distill_student(student, data.train.images, normalizer, cached_source(logits), train, 4.0,
+                                show_progress=False)
+            seconds[name].append(round(time.perf_counter() - started, 1))
+            print(f"  {name}: {seconds[name][-1]:.1f} s", file=sys.stderr, flush=True)
+    torch.set_num_threads(threads)
+    return {"images": cfg_args["train_limit"], "seconds": seconds,
+            "median_s": {name: float(np.median(v)) for name, v in seconds.items()},
+            "load_1min": [round(x, 2) for x in loads]}
+
+
+def epochs_markdown(timing: dict[str, Any], machine: str) -> str:
+    rows = [[name, ", ".join(f"{v:.1f}" for v in values), f"{timing['median_s'][name]:.1f}"]
+            for name, values in timing["seconds"].items()]
+    return "\n".join([
+        f"# One library epoch ({timing['images']} images, batch 128), settings interleaved", "",
+        f"Machine: {machine}; 1-minute load average during the runs: {min(timing['load_1min'])}-"
+        f"{max(timing['load_1min'])}", "", "```",
+        format_table(["setting", "seconds per epoch (each repeat)", "median"], rows), "```", ""])
+
+
 def markdown(result: dict[str, Any]) -> str:
     runs = result["runs"]
     rows = [[r["workers"], r["launcher"], f"{r['library_s']:.1f}", f"{runs[0]['library_s'] / r['library_s']:.2f}x",
@@ -101,6 +155,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of a run, shared by its ranks")
     ap.add_argument("--workers", default="1,2", help="library worker counts to run (1 first: the reference)")
     ap.add_argument("--ray", action="store_true", help="also run the largest worker count as Ray actors")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the epoch timing (0: none)")
+    ap.add_argument("--no-builds", action="store_true", help="only the epoch timing (the oracle is still trained)")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     counts = [int(w) for w in args.workers.split(",")]
@@ -110,6 +166,15 @@ def main() -> int:
     print("training the oracle once and caching its logits (not measured)", file=sys.stderr)
     build_pool(config_for("quick", out=str(trained), **{**cfg_args, "library_epochs": 1, "expert_epochs": 1}),
                log=lambda _m: None, show_progress=False)
+    machine = f"{platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+    if args.repeats > 0:
+        print("interleaved epoch timing", file=sys.stderr)
+        timing = epoch_timing(cfg_args, trained, counts[-1], args.repeats)
+        atomic_write_json(out / "library_ddp_epochs.json", {"machine": machine, **timing})
+        atomic_write_bytes(out / "library_ddp_epochs.md", epochs_markdown(timing, machine).encode())
+        print(epochs_markdown(timing, machine))
+    if args.no_builds:
+        return 0
     load_before = os.getloadavg()
     runs = []
     for workers in counts:
@@ -118,9 +183,7 @@ def main() -> int:
     if args.ray:
         print(f"library workers {counts[-1]} as Ray actors", file=sys.stderr)
         runs.append(build(cfg_args, trained, work / f"ray{counts[-1]}", counts[-1], ray=True))
-    result = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                         f"Python {platform.python_version()}",
-              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+    result = {"machine": machine, "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "settings": cfg_args, "runs": runs,
               "accuracy_points_vs_one_process": [round(100 * (r["student_accuracy"] - runs[0]["student_accuracy"]), 2)
                                                  for r in runs]}

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,21 +121,25 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.02)
 
 
-def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
-    out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
+def _build_while(killer: WorkerKiller, out: Path) -> tuple[list[str], Any, str]:
+    """Build on Ray while ``killer`` watches; the log, the pool's metadata and the killed expert's last line."""
     logs: list[str] = []
-    killer = WorkerKiller()
     killer.start()
     try:
         meta = build_pool_on_ray(_cfg(out), OPTS, log=logs.append, show_progress=False)
     finally:
         killer.done.set()
         killer.join()
-    assert killer.killed is not None, "no expert task was caught running"
+    assert killer.killed is not None, f"{type(killer).__name__}: no expert task was caught"
     pid, title = killer.killed
-    task = title.removeprefix("ray::expert-")
-    finished = [line for line in logs if line.startswith(f"[expert-{task}] finished")]
-    assert len(finished) == 1 and f"pid {pid} " not in finished[0]  # Ray re-ran it in another worker
+    finished = [line for line in logs if line.startswith(f"[{title.removeprefix('ray::')}] finished")]
+    assert len(finished) == 1 and f"pid {pid} " not in finished[0], finished  # Ray re-ran it in another worker
+    return logs, meta, finished[0]
+
+
+def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
+    out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
+    logs, meta, _line = _build_while(WorkerKiller(), out)
     assert sorted(meta.experts) == sorted(json.loads((local_pool / "pool.json").read_text())["experts"])
     assert any("2 shard(s) on Ray" in line for line in logs)
     _assert_equals_local(out, local_pool)
@@ -160,19 +165,8 @@ class CheckpointedWorkerKiller(WorkerKiller):
 
 def test_retried_expert_resumes_from_its_checkpoint(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
     out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
-    logs: list[str] = []
-    killer = CheckpointedWorkerKiller(out)
-    killer.start()
-    try:
-        build_pool_on_ray(_cfg(out), OPTS, log=logs.append, show_progress=False)
-    finally:
-        killer.done.set()
-        killer.join()
-    assert killer.killed is not None, "no expert task was caught after its first epoch"
-    pid, title = killer.killed
-    finished = [line for line in logs if line.startswith(f"[{title.removeprefix('ray::')}] finished")]
-    assert len(finished) == 1 and f"pid {pid} " not in finished[0], finished
-    assert "(resumed after epoch " in finished[0], finished  # not from epoch 0 again
+    _logs, _meta, line = _build_while(CheckpointedWorkerKiller(out), out)
+    assert "(resumed after epoch " in line, line  # not from epoch 0 again
     _assert_equals_local(out, local_pool)  # and still bit for bit the clean local build
     assert list((out / "stages").glob("*.epoch.pt")) == []
 
