@@ -188,15 +188,11 @@ def _open(logits: Array | str) -> Array:
     return np.load(logits, mmap_mode="r") if isinstance(logits, str) else logits
 
 
-def _store(spec: RankSpec, rank: int) -> dist.TCPStore:
-    return dist.TCPStore(spec.master_host, spec.master_port, spec.world_size, False,
-                         timeout=timedelta(seconds=spec.timeout_s))
-
-
 def helper_rank(rank: int, spec: RankSpec, images: Array, logits: Array | str, normalizer: Normalizer) -> str:
     """Run rank ``rank`` (>= 1) to the end of training; returns where it ran."""
     torch.set_num_threads(spec.threads)
-    store = _store(spec, rank)
+    store = dist.TCPStore(spec.master_host, spec.master_port, spec.world_size, False,
+                          timeout=timedelta(seconds=spec.timeout_s))
     where = f"{socket.gethostname()} pid {os.getpid()}"
     store.set(f"ready/{rank}", where)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size,
@@ -294,7 +290,9 @@ def distill_library_parallel(student: WideResNet, images: Array, normalizer: Nor
     if dist.is_initialized():
         raise PoolBuilderError("a torch.distributed process group is already up in this process; "
                                "--library-workers starts its own")
-    store = dist.TCPStore("0.0.0.0", 0, workers, True, wait_for_workers=False,
+    # port 0: the OS picks a free one.  TCPStore listens on every interface whatever host it is given (no
+    # authentication, as in any torch.distributed job): run multi-node builds on a trusted network.
+    store = dist.TCPStore(helpers.master_host, 0, workers, True, wait_for_workers=False,
                           timeout=timedelta(seconds=RANK_TIMEOUT_S))
     spec = RankSpec(workers, helpers.master_host, store.port, threads, student.cfg, cfg, temperature)
     started = time.perf_counter()

@@ -56,6 +56,102 @@ def test_two_ranks_train_a_library_close_to_one_process(tiny_pool_dir, ddp_pool_
     assert list((ddp_pool_dir / "stages").glob("*.epoch.pt")) == []
 
 
+def test_one_rank_loop_is_the_one_process_loop(fmnist_small):
+    """With a world of one, the DDP loop (batches, loss weighting, schedule, batch norm) trains exactly what
+    ``training.distill_student`` trains: between N ranks and one process only rounding remains."""
+    from datetime import timedelta
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from pool_builder.data import Normalizer
+    from pool_builder.ddp import RankSpec, train_rank
+    from pool_builder.models import create_model
+    from pool_builder.training import TrainConfig, cached_source, distill_student
+
+    normalizer = Normalizer(fmnist_small.mean, fmnist_small.std)
+    logits = np.random.default_rng(0).normal(0.0, 3.0, (len(fmnist_small.train.images), 10)).astype(np.float32)
+    cfg = TrainConfig(epochs=1, batch_size=32, seed=2)
+    torch.manual_seed(2)
+    one = create_model("wrn_16_1", in_channels=1, num_classes=10)
+    loss_one = distill_student(one, fmnist_small.train.images, normalizer, cached_source(logits), cfg, 4.0,
+                               show_progress=False)
+    torch.manual_seed(2)
+    ddp = create_model("wrn_16_1", in_channels=1, num_classes=10)
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        loss_ddp = train_rank(ddp, 0, RankSpec(1, "127.0.0.1", store.port, 2, ddp.cfg, cfg, 4.0),
+                              fmnist_small.train.images, logits, normalizer)
+    finally:
+        dist.destroy_process_group()
+    assert loss_ddp == loss_one
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), ddp.state_dict().values()))
+
+
+def _sync_bn_rank(rank: int, port: int, x, grad_out, results) -> None:
+    """Rank ``rank`` of 2: batch norm over its half of ``x`` with statistics synchronized across both halves."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from pool_builder.sync_bn import synchronized_batch_norm
+
+    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    bn = _bn()
+    part = x[rank::2].clone().requires_grad_()
+    with synchronized_batch_norm(bn):
+        out = bn(part)
+        (out * grad_out[rank::2]).sum().backward()
+    results.put((rank, out.detach().numpy(), part.grad.numpy(), bn.weight.grad.numpy(), bn.running_var.numpy()))
+    dist.destroy_process_group()
+
+
+def _bn():
+    import torch
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1.0, 1.0)
+    return bn
+
+
+def test_synchronized_batch_norm_equals_one_batch():
+    """Two ranks holding half a batch each get the outputs, input gradients and running statistics of batch norm
+    over the whole batch; their weight gradients add up to the whole batch's."""
+    from datetime import timedelta
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(1)
+    x, grad_out = torch.randn(32, 4, 5, 5) * 3 + 1, torch.randn(32, 4, 5, 5)
+    bn, whole = _bn(), x.clone().requires_grad_()
+    out = bn(whole)
+    (out * grad_out).sum().backward()
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_sync_bn_rank, args=(r, store.port, x, grad_out, results)) for r in (0, 1)]
+    for proc in ranks:
+        proc.start()
+    got = dict((r[0], r[1:]) for r in (results.get(timeout=120), results.get(timeout=120)))
+    for proc in ranks:
+        proc.join(30)
+    for rank, (y, grad_x, _grad_w, running_var) in got.items():
+        np.testing.assert_allclose(y, out.detach().numpy()[rank::2], atol=1e-5)
+        np.testing.assert_allclose(grad_x, whole.grad.numpy()[rank::2], atol=1e-5)
+        np.testing.assert_allclose(running_var, bn.running_var.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[0][2] + got[1][2], bn.weight.grad.numpy(), rtol=1e-5)
+
+
 def _build(out: Path, log) -> subprocess.Popen:
     """The tiny 2-rank build with 1-epoch experts (only its library is compared; expert settings do not enter
     the library's fingerprint or checkpoint)."""
