@@ -30,6 +30,7 @@ from edge_runtime.atomic_io import (LockBusyError, atomic_write_bytes, atomic_wr
 from . import __version__
 from .cache import CACHE_DTYPES, cached_array
 from .data import Dataset, Normalizer, load_dataset
+from .ddp import HelperRanks, LocalRanks, distill_library_parallel, local_cpus, validate_library_workers
 from .ensemble import EnsembleConfig
 from .errors import PoolBuilderError, unknown_name
 from .evaluate import ExpertReport, expert_report, predict_logits
@@ -71,6 +72,7 @@ class BuildConfig:
     seed: int = 0
     threads: int | None = None
     ensemble: EnsembleConfig | None = None  # K teachers fused into the oracle (replaces oracle_arch / oracle_file)
+    library_workers: int = 1  # > 1: the library's KD runs as torch DDP over that many ranks (ddp.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.ensemble, dict):  # as read back from pool.json's build settings
@@ -96,6 +98,10 @@ class BuildConfig:
             raise PoolBuilderError("name an oracle architecture to train, or pass an oracle file")
         if self.oracle_arch is not None and self.oracle_arch not in list_models():
             raise unknown_name("architecture", self.oracle_arch, list_models())
+        validate_library_workers(self.library_workers, self.batch_size)
+        if self.library_workers > 1 and self.online:
+            raise PoolBuilderError("--library-workers > 1 trains the library from the cached oracle logits; "
+                                   "drop --online (or use --library-workers 1)")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -220,6 +226,8 @@ class PoolBuild:
         self.ran: list[str] = []
         self.reused: list[str] = []
         self.teachers: dict[str, StageRecord] = {}  # members of a multi-teacher oracle
+        # torch threads of this build; caches and experts record it, as the thread count changes their bits
+        self.threads = cfg.threads or torch.get_num_threads()
 
     # ------------------------------------------------------------------ records
     def _record_path(self, stage: str) -> Path:
@@ -267,6 +275,28 @@ class PoolBuild:
     def _seed(self, offset: int) -> None:
         torch.manual_seed(self.cfg.seed * 7919 + offset)
 
+    def derived_fingerprint(self, *parts: Any) -> str:
+        """Fingerprint of a cache or expert: its inputs plus the thread count, so that a build with other
+        --threads recomputes it instead of reusing bits it would not have produced itself."""
+        return _fingerprint(*parts, {"threads": self.threads})
+
+    # ------------------------------------------------------------------ data-parallel library (ddp.py)
+    def _check_library_workers(self) -> None:
+        """Refuse, before anything trains, more library ranks than this machine can run at once."""
+        workers, cpus = self.cfg.library_workers, local_cpus()
+        if workers > cpus:
+            raise PoolBuilderError(f"--library-workers {workers} would start {workers} processes on this machine, "
+                                   f"which has {cpus} CPU(s): use at most {cpus}, or --backend ray to spread the "
+                                   "ranks over a cluster")
+
+    def _library_helpers(self) -> HelperRanks:
+        """Who runs library ranks 1..N-1: processes spawned here (the Ray backend uses Ray actors)."""
+        return LocalRanks()
+
+    def _rank_threads(self) -> int:
+        """Torch threads per library rank: this build's threads shared by the ranks on this machine."""
+        return max(1, self.threads // self.cfg.library_workers)
+
     # ------------------------------------------------------------------ stages
     def run(self) -> PoolMetadata:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +310,8 @@ class PoolBuild:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.library_workers > 1:
+            self._check_library_workers()
         full = load_dataset(cfg.dataset, cfg.data_dir)
         data = full.limited(cfg.train_limit, cfg.test_limit, cfg.seed)
         hierarchy = (TaskHierarchy.from_json(cfg.hierarchy, data.class_names) if cfg.hierarchy
@@ -295,7 +327,7 @@ class PoolBuild:
         train_logits = None
         if not cfg.online:
             train_logits = self._cached_outputs(
-                "oracle_logits", _fingerprint(oracle_rec.sha256, data_fp, "float32"),
+                "oracle_logits", self.derived_fingerprint(oracle_rec.sha256, data_fp, "float32"),
                 (len(data.train), data.num_classes), "float32", oracle_rec, oracle, data.train.images, normalizer,
                 "oracle logits")
         test_logits = predict_logits(oracle, data.test.images, normalizer)
@@ -307,7 +339,7 @@ class PoolBuild:
             with torch.no_grad():
                 shape = (len(data.train), *library(normalizer(data.train.images[:2])).shape[1:])
             features = self._cached_outputs(
-                "library_features", _fingerprint(library_rec.sha256, data_fp, cfg.cache_dtype), shape,
+                "library_features", self.derived_fingerprint(library_rec.sha256, data_fp, cfg.cache_dtype), shape,
                 cfg.cache_dtype, library_rec, library, data.train.images, normalizer, "library features")
         test_features = torch.from_numpy(
             np.concatenate([o for _r, o in run_batched(library, data.test.images, normalizer, show_progress=False)]))
@@ -366,20 +398,28 @@ class PoolBuild:
     def _library(self, data: Dataset, normalizer: Normalizer, data_fp: str, oracle_rec: StageRecord,
                  oracle: torch.nn.Module, train_logits: np.ndarray | None) -> tuple[StageRecord, torch.nn.Module]:
         cfg = self.cfg
-        # cached and online teacher logits are the same numbers, so the library does not depend on the mode
+        # cached and online teacher logits are the same numbers, so the library does not depend on the mode;
+        # data-parallel training gives other bits, so N > 1 ranks is part of it (N = 1 keeps the old fingerprint)
+        parallel = [{"library_workers": cfg.library_workers}] if cfg.library_workers > 1 else []
         fingerprint = _fingerprint(oracle_rec.sha256, data_fp, cfg.student_arch, cfg.library_epochs, cfg.temperature,
-                                   cfg.lr, cfg.batch_size, cfg.seed)
+                                   cfg.lr, cfg.batch_size, cfg.seed, *parallel)
 
         def run() -> StageRecord:
             self._seed(2)
             student = create_model(cfg.student_arch, in_channels=data.input_shape[0], num_classes=data.num_classes)
             if not isinstance(student, WideResNet):
                 raise PoolBuilderError(f"student {cfg.student_arch!r} must be a WRN (choices: {list_models('wrn_*')})")
-            teacher = (online_source(oracle, data.train.images, normalizer) if train_logits is None
-                       else cached_source(train_logits))
-            loss = distill_student(student, data.train.images, normalizer, teacher,
-                                   self._train_cfg(cfg.library_epochs, cfg.lr, 2), cfg.temperature,
-                                   show_progress=self.show_progress, checkpoint=self._checkpoint("library", fingerprint))
+            train_cfg = self._train_cfg(cfg.library_epochs, cfg.lr, 2)
+            checkpoint = self._checkpoint("library", fingerprint)
+            if cfg.library_workers > 1:
+                loss = distill_library_parallel(student, data.train.images, normalizer, train_logits, train_cfg,
+                                                cfg.temperature, cfg.library_workers, self._rank_threads(),
+                                                self._library_helpers(), checkpoint, self.show_progress, self.log)
+            else:
+                teacher = (online_source(oracle, data.train.images, normalizer) if train_logits is None
+                           else cached_source(train_logits))
+                loss = distill_student(student, data.train.images, normalizer, teacher, train_cfg, cfg.temperature,
+                                       show_progress=self.show_progress, checkpoint=checkpoint)
             student_logits = predict_logits(student, data.test.images, normalizer)
             arch = {"kind": "wrn_library", "student": asdict(student.cfg), "student_arch": cfg.student_arch}
             sha = save_state_dict(student.library, self.out / "library.pt")
@@ -402,9 +442,9 @@ class PoolBuild:
     def _expert_job(self, task: str, class_ids: tuple[int, ...], data_fp: str, oracle_rec: StageRecord,
                     library_rec: StageRecord, library: Library) -> ExpertJob:
         cfg = self.cfg
-        fingerprint = _fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids, cfg.expert_width,
-                                   cfg.expert_epochs, cfg.temperature, cfg.alpha, cfg.expert_lr, cfg.batch_size,
-                                   cfg.seed, cfg.online, cfg.cache_dtype)
+        fingerprint = self.derived_fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids,
+                                                cfg.expert_width, cfg.expert_epochs, cfg.temperature, cfg.alpha,
+                                                cfg.expert_lr, cfg.batch_size, cfg.seed, cfg.online, cfg.cache_dtype)
         return ExpertJob(task, tuple(class_ids), fingerprint, 100 + zlib.crc32(task.encode()) % 100000,
                          library.cfg, cfg)
 
@@ -442,6 +482,8 @@ class PoolBuild:
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "threads")}
         if self.cfg.ensemble is None:
             del settings["ensemble"]  # single-oracle pool.json stays as it was
+        if self.cfg.library_workers == 1:
+            del settings["library_workers"]  # so does a one-process library's
         return PoolMetadata(
             pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -48,6 +48,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dtype", choices=["float16", "float32"], help="dtype of cached library features")
     p.add_argument("--online", action="store_true", default=None,
                    help="recompute oracle logits and library features every batch (the authors' loop) instead of caching")
+    p.add_argument("--library-workers", type=int,
+                   help="data-parallel library distillation: N torch DDP ranks over gloo (default 1: one process; "
+                        "N > 1 spawns ranks on this machine, or runs them as Ray actors with --backend ray)")
     p.add_argument("--json", action="store_true", help="print pool.json's content instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     ray = p.add_argument_group("distributed build (--backend ray; see README)")
@@ -131,7 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
-        "temperature", "lr", "expert_lr", "cache_dtype", "online")}}
+        "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers")}}
     cfg = config_for(args.profile, out=args.out, **overrides)
     if args.backend == "ray":
         from .ray_backend import ray_options, build_pool_on_ray

@@ -16,7 +16,13 @@ committed, exactly as in the local build.  So:
 - a killed driver, run again, reuses finished shards and experts from their
   records and recomputes the rest;
 - tasks are scheduled over whatever CPUs the cluster has when they are ready
-  to run, so a node that joins mid-build takes waiting experts.
+  to run, so a node that joins mid-build takes waiting experts;
+- an expert task whose worker can see the pool directory (this machine, or a
+  shared file system) saves the usual per-epoch checkpoint there, so a retry
+  continues after the last finished epoch - to the same bits - instead of from
+  epoch 0;
+- with ``--library-workers N`` the library trains data-parallel (``ddp.py``):
+  the driver is rank 0 and ranks 1..N-1 are Ray actors (:class:`RayRanks`).
 
 Ray is imported only here, and only for ``--backend ray``.
 """
@@ -43,10 +49,11 @@ from .build import (BuildConfig, ExpertJob, ExpertTestSet, Log, PoolBuild, Stage
                     stage_module, train_expert)
 from .cache import open_cache, read_record, write_cache
 from .data import Dataset, Normalizer
+from .ddp import HelperRanks, RankSpec, helper_rank
 from .errors import PoolBuilderError, unknown_name
 from .models import Library
 from .pool_format import PoolMetadata
-from .training import cached_source, run_batched
+from .training import Checkpoint, cached_source, run_batched
 from .weights import load_module, state_dict_bytes
 
 CACHE_TRANSPORTS = ("object_store", "shared_path")
@@ -203,6 +210,7 @@ class ExpertResult:
     weights: bytes
     host: str
     pid: int
+    resumed_epoch: int = 0  # > 0: this attempt continued from an earlier attempt's checkpoint
 
 
 def _resolve(array: np.ndarray | SharedCache) -> np.ndarray:
@@ -220,19 +228,32 @@ def shard_task(model: ModelBlob, images: np.ndarray, start: int, stop: int, norm
     return ShardResult(rows, sha256_bytes(rows.tobytes()), socket.gethostname(), os.getpid())
 
 
+def worker_checkpoint(path: str | None, fingerprint: str) -> Checkpoint | None:
+    """The stage's per-epoch checkpoint where this worker can keep one: the pool's ``stages/`` directory exists
+    here (same machine as the driver, or a file system every node mounts).  A worker never creates it: on a
+    node without the pool directory the task simply runs without checkpoints."""
+    return Checkpoint(Path(path), fingerprint) if path and Path(path).parent.is_dir() else None
+
+
 def expert_task(job: ExpertJob, threads: int, n: int, features: np.ndarray | SharedCache,
                 oracle_logits: np.ndarray | SharedCache, test_features: np.ndarray, test_logits: np.ndarray,
-                test_labels: np.ndarray) -> ExpertResult:
-    """Ray task: one expert, trained exactly as the local build trains it; returns its weights as bytes."""
+                test_labels: np.ndarray, checkpoint_path: str | None = None) -> ExpertResult:
+    """Ray task: one expert, trained exactly as the local build trains it; returns its weights as bytes.
+
+    With a visible ``checkpoint_path`` it saves progress after every epoch, and a retry of the task (after
+    its worker died) continues from there: the checkpoint holds model, optimiser, schedule and generator
+    state, so the weights equal those of an uninterrupted run."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
+    checkpoint = worker_checkpoint(checkpoint_path, job.fingerprint)
+    saved = checkpoint.load() if checkpoint is not None else None
     test = ExpertTestSet(torch.from_numpy(np.array(test_features)), test_logits, test_labels)
     head, record = train_expert(job, n, cached_source(_resolve(features)), cached_source(_resolve(oracle_logits)),
-                                test, show_progress=False)
+                                test, show_progress=False, checkpoint=checkpoint)
     weights = state_dict_bytes(head)
     record.sha256 = sha256_bytes(weights)
     record.seconds = round(time.perf_counter() - start, 2)
-    return ExpertResult(record, weights, socket.gethostname(), os.getpid())
+    return ExpertResult(record, weights, socket.gethostname(), os.getpid(), int(saved["epoch"]) if saved else 0)
 
 
 def _ray_get(ray: Any, ref: Any, what: str) -> Any:
@@ -246,7 +267,7 @@ def _ray_get(ray: Any, ref: Any, what: str) -> Any:
         raise PoolBuilderError(f"{what} failed on a Ray worker: {type(cause).__name__}: "
                                f"{str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''}") from None
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.TaskCancelledError, rex.ObjectLostError,
-            rex.RaySystemError) as exc:
+            rex.RaySystemError, rex.RayActorError) as exc:
         raise PoolBuilderError(f"{what}: its Ray worker kept dying ({type(exc).__name__}) after the allowed retries; "
                                "finished work is kept, run the build again to resume") from None
 
@@ -373,9 +394,8 @@ class RayPoolBuild(PoolBuild):
             raise PoolBuilderError("--backend ray builds single-oracle pools only; a multi-teacher oracle "
                                    "(--teachers / --teacher-archs) needs --backend local")
         super().__init__(cfg, log, show_progress)
-        # torch threads as the local build would use them, pinned in every task: thread count changes the bits.
+        # every task pins torch's threads to the build's (self.threads), as the thread count changes the bits;
         # Ray reserves as many CPUs per task, as more threads than cores slow training down several-fold.
-        self.threads = cfg.threads or torch.get_num_threads()
         self.opts = replace(opts, task_cpus=opts.task_cpus or float(self.threads))
 
     def run(self) -> PoolMetadata:
@@ -385,6 +405,23 @@ class RayPoolBuild(PoolBuild):
         finally:
             if started:
                 import_ray().shutdown()
+
+    def _check_library_workers(self) -> None:
+        """Refuse, before anything trains, more library ranks than the cluster has CPUs for."""
+        workers, per_rank = self.cfg.library_workers, self.opts.task_cpus
+        have = import_ray().cluster_resources().get("CPU", 0.0)
+        if (workers - 1) * per_rank > have:
+            raise PoolBuilderError(
+                f"--library-workers {workers} runs ranks 1-{workers - 1} as Ray actors of {per_rank:g} CPU(s) each "
+                f"({(workers - 1) * per_rank:g} CPUs) beside this process (rank 0), but the cluster has {have:g}: "
+                f"use at most {1 + int(have // per_rank)} workers, or a smaller --ray-task-cpus")
+
+    def _library_helpers(self) -> HelperRanks:
+        return RayRanks(self.opts)
+
+    def _rank_threads(self) -> int:
+        """Each rank is sized like a Ray task: the build's torch threads (Ray reserves as many CPUs per actor)."""
+        return self.threads
 
     def _cached_outputs(self, name: str, fingerprint: str, shape: tuple[int, ...], dtype: str,
                         producer: StageRecord, module: torch.nn.Module, images: np.ndarray,
@@ -424,8 +461,11 @@ class RayPoolBuild(PoolBuild):
             feats, logits = ray.put(np.asarray(features)), ray.put(np.asarray(train_logits))
         shared = [ray.put(test.features.numpy()), ray.put(test.oracle_logits), ray.put(test.labels)]
         remote = ray.remote(expert_task)
+        # absolute, so a worker with another working directory finds the same stages/ (or none at all)
+        checkpoints = {job.task: str(self._checkpoint(job.stage, job.fingerprint).path.resolve()) for job in todo}
         pending = {remote.options(name=job.stage, num_cpus=self.opts.task_cpus, max_retries=self.opts.max_retries,
-                                  retry_exceptions=False).remote(job, self.threads, n, feats, logits, *shared): job
+                                  retry_exceptions=False).remote(job, self.threads, n, feats, logits, *shared,
+                                                                 checkpoints[job.task]): job
                    for job in todo}
         self.log(f"[experts] {len(todo)} task(s) on Ray: {', '.join(j.task for j in todo)} "
                  f"({self.threads} torch thread(s) each, up to {self.opts.max_retries} retries)")
@@ -458,9 +498,72 @@ class RayPoolBuild(PoolBuild):
         load_module(record.architecture, path, f"expert {job.task}")  # raises if the weights do not fit
         self._checkpoint(job.stage, job.fingerprint).remove()  # progress of an interrupted local build of it
         self.ran.append(job.stage)
-        self.log(f"[{job.stage}] finished in {record.seconds:.1f}s on {origin} "
+        resumed = f" (resumed after epoch {result.resumed_epoch})" if result.resumed_epoch else ""
+        self.log(f"[{job.stage}] finished in {record.seconds:.1f}s on {origin}{resumed} "
                  f"{json.dumps(record.metrics, sort_keys=True)}")
         return self._commit(job.stage, record)
+
+
+# --------------------------------------------------------------------------- data-parallel library ranks
+
+class LibraryRankActor:
+    """A Ray actor hosting one helper rank of the data-parallel library; it joins rank 0's gloo group itself."""
+
+    def run(self, rank: int, spec: RankSpec, images: np.ndarray, logits: np.ndarray, normalizer: Normalizer) -> str:
+        return helper_rank(rank, spec, images, logits, normalizer)
+
+
+class RayRanks:
+    """Library ranks 1..N-1 as Ray actors, one per rank, each reserving ``task_cpus`` CPUs.
+
+    Ray Train's TorchTrainer is not used: it needs the ``ray[train]`` extra (pandas, pyarrow; not importable
+    with plain ``ray``), runs *every* rank in its own workers and moves results through its own checkpoint
+    storage, whereas here the driver must stay rank 0 - the one process that owns the pool directory, its lock,
+    checkpoints and stage records.  Plain actors that set up the gloo group themselves need nothing but Ray.
+    Helpers reach rank 0 at this node's IP address, so the driver must be reachable from the workers on a
+    TCP port (gloo picks the interface from the host name; set GLOO_SOCKET_IFNAME where that is wrong).
+    """
+
+    kind = "Ray actors"
+
+    def __init__(self, opts: RayOptions) -> None:
+        ray = import_ray()
+        self.opts = opts
+        self.master_host = ray.util.get_node_ip_address()
+        self.actors: list[Any] = []
+        self.pending: dict[Any, int] = {}
+
+    def start(self, spec: RankSpec, images: np.ndarray, logits: np.ndarray | str, normalizer: Normalizer) -> None:
+        ray = import_ray()
+        actor = ray.remote(LibraryRankActor)
+        images_ref, logits_ref = ray.put(np.asarray(images)), ray.put(np.asarray(logits))
+        for rank in range(1, spec.world_size):
+            handle = actor.options(num_cpus=self.opts.task_cpus, max_restarts=0).remote()
+            self.actors.append(handle)
+            self.pending[handle.run.remote(rank, spec, images_ref, logits_ref, normalizer)] = rank
+
+    def _collect(self, timeout_s: float) -> None:
+        if not self.pending:
+            return
+        ray = import_ray()
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s)
+        for ref in done:
+            _ray_get(ray, ref, f"library rank {self.pending.pop(ref)}")
+
+    def check(self) -> None:
+        self._collect(0)
+
+    def join(self, timeout_s: float) -> None:
+        self._collect(timeout_s)
+        if self.pending:
+            raise PoolBuilderError(f"library ranks {sorted(self.pending.values())} did not finish within "
+                                   f"{timeout_s:g}s after rank 0")
+
+    def stop(self) -> None:
+        ray = import_ray()
+        for handle in self.actors:
+            ray.kill(handle)
+        self.actors, self.pending = [], {}
 
 
 def build_pool_on_ray(cfg: BuildConfig, opts: RayOptions, log: Log = _stderr,

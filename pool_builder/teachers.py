@@ -155,15 +155,13 @@ class TeacherStages:
     def _fused_cache(self, record: "StageRecord", ensemble: Ensemble, teachers: dict[str, "StageRecord"],
                      modules: list[torch.nn.Module]) -> None:
         """Each teacher's training logits cached once; the fused logits cached from them."""
-        from .build import _fingerprint
-
         data, build = self.data, self.build
         shape = (len(data.train), data.num_classes)
         member = []
         for i, ((name, rec), model) in enumerate(zip(teachers.items(), modules)):
             member.append(cached_array(
-                build.cache_dir / f"teacher-{i}_logits.npy", _fingerprint(rec.sha256, self.data_fp, "float32"),
-                shape, "float32",
+                build.cache_dir / f"teacher-{i}_logits.npy",
+                build.derived_fingerprint(rec.sha256, self.data_fp, "float32"), shape, "float32",
                 lambda model=model, name=name: run_batched(model, data.train.images, self.normalizer,
                                                            desc=f"teacher {name} logits",
                                                            show_progress=build.show_progress), build.log))
@@ -172,6 +170,6 @@ class TeacherStages:
             for rows in batched(shape[0], 8192):
                 yield rows, ensemble.fusion.fuse(np.stack([m[rows] for m in member])).numpy()
 
-        cached_array(build.cache_dir / "oracle_logits.npy", _fingerprint(record.sha256, self.data_fp, "float32"),
-                     shape, "float32", fuse_chunks, build.log)
+        fused_fp = build.derived_fingerprint(record.sha256, self.data_fp, "float32")
+        cached_array(build.cache_dir / "oracle_logits.npy", fused_fp, shape, "float32", fuse_chunks, build.log)
 

@@ -62,25 +62,31 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: b
     return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
-    """Shuffled index batches; each batch sorted (memory-mapped reads stay local), none of size 1."""
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, min_last: int = 2) -> list[np.ndarray]:
+    """Shuffled index batches; each batch sorted (memory-mapped reads stay local).
+
+    A last batch smaller than ``min_last`` is merged into the one before: 2 for one
+    process (batch norm needs two images), 2 per rank for data-parallel training.
+    """
     if n < 2:
         raise PoolBuilderError(f"need at least 2 training images, got {n}")
     order = torch.randperm(n, generator=generator).numpy()
     batches = [np.sort(order[i:i + batch_size]) for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
+    if len(batches) > 1 and len(batches[-1]) < min_last:
         last = batches.pop()
         batches[-1] = np.sort(np.concatenate([batches[-1], last]))
     return batches
 
 
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    """How many batches :func:`epoch_batches` yields (a last batch of one image is merged)."""
+def batches_per_epoch(n: int, batch_size: int, min_last: int = 2) -> int:
+    """How many batches :func:`epoch_batches` yields (a last batch under ``min_last`` images is merged)."""
     count = -(-n // batch_size)
-    return count - 1 if count > 1 and n % batch_size == 1 else count
+    return count - 1 if count > 1 and 0 < n % batch_size < min_last else count
 
 
-def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, steps: int):
+def sgd_cosine(params: Iterable[nn.Parameter], cfg: TrainConfig,
+               steps: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with Nesterov momentum and a cosine schedule with a short linear warm-up, over ``steps`` steps."""
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     warmup = max(1, steps // 30)
 
@@ -143,16 +149,11 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
     """
     gens = {"shuffle": torch.Generator().manual_seed(cfg.seed), **(generators or {})}
     steps = cfg.epochs * batches_per_epoch(n, cfg.batch_size)
-    opt, sched = _optimizer(params, cfg, steps)
+    opt, sched = sgd_cosine(params, cfg, steps)
     start, last = 0, float("nan")
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        for name, gen in gens.items():
-            gen.set_state(saved["generators"][name])
-        start, last = int(saved["epoch"]), float(saved["loss"])
+        start, last = restore_progress(saved, model, opt, sched, gens)
     model.train()
     for epoch in range(start, cfg.epochs):
         total, count = 0.0, 0
@@ -169,11 +170,28 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
             count += len(idx)
         last = total / count
         if checkpoint and epoch + 1 < cfg.epochs:
-            checkpoint.save({"epoch": epoch + 1, "loss": last, "model": model.state_dict(),
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "generators": {k: g.get_state() for k, g in gens.items()}})
+            checkpoint.save(progress_state(epoch + 1, last, model, opt, sched, gens))
     model.eval()
     return last
+
+
+def progress_state(epoch: int, loss: float, model: nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, gens: dict[str, torch.Generator]) -> dict[str, Any]:
+    """What a per-epoch checkpoint holds: enough to continue to the same weights as an uninterrupted run."""
+    return {"epoch": epoch, "loss": loss, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "generators": {k: g.get_state() for k, g in gens.items()}}
+
+
+def restore_progress(saved: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler,
+                     gens: dict[str, torch.Generator]) -> tuple[int, float]:
+    """Load a :func:`progress_state` back; returns (epochs already done, their last mean loss)."""
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    for name, gen in gens.items():
+        gen.set_state(saved["generators"][name])
+    return int(saved["epoch"]), float(saved["loss"])
 
 
 def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -59,6 +59,31 @@ def tiny_pool_dir(tmp_path_factory) -> Path:
     return out
 
 
+TRAINED_ORACLE = ("oracle.pt", "stages/oracle.json")
+
+
+def with_stages_of(source: Path, out: Path, names: tuple[str, ...] = TRAINED_ORACLE) -> Path:
+    """A new pool directory holding some finished files of another (e.g. its trained oracle), so that a test
+    build computes only the stages it is about."""
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ddp_pool_dir(tiny_pool_dir, tmp_path_factory) -> Path:
+    """The tiny build again with its library distilled by 2 DDP ranks (spawned processes, 1 thread each);
+    oracle and oracle-logit cache are the tiny pool's."""
+    from pool_builder.build import build_pool, config_for
+
+    out = with_stages_of(tiny_pool_dir, tmp_path_factory.mktemp("ddp") / "pool",
+                         TRAINED_ORACLE + ("cache/oracle_logits.npy", "cache/oracle_logits.json"))
+    build_pool(config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), library_workers=2, **TINY_BUILD),
+               log=lambda m: print(m, file=sys.stderr), show_progress=False)
+    return out
+
+
 @pytest.fixture
 def pool_copy(tiny_pool_dir, tmp_path) -> Path:
     """A private copy of the tiny pool that a test may damage."""

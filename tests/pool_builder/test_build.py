@@ -1,6 +1,7 @@
 """Every stage on a tiny real pool: contents of pool.json, consolidation, evaluation, resume."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,35 @@ def test_changed_setting_rebuilds_only_what_depends_on_it(pool_copy, tiny_pool_d
     gaps = {t: (with_scale[t].metrics["mean_abs_logit_gap"], without[t].metrics["mean_abs_logit_gap"])
             for t in with_scale}
     assert all(a < b for a, b in gaps.values()), gaps
+
+
+def test_other_thread_count_recomputes_caches_and_experts(tiny_pool_dir, tmp_path):
+    """--threads changes the bits of training (and may change those of inference kernels), so caches and experts
+    record it: a 1-thread build over a 2-thread pool recomputes them instead of reusing 2-thread bits, and going
+    back to 2 threads gives the 2-thread pool's bits again.  Oracle and library are reused whatever the threads
+    (retraining them is the expensive part; what derives from them is keyed by their sha256)."""
+    out = tmp_path / "pool"
+    shutil.copytree(tiny_pool_dir, out)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            logs: list[str] = []
+            meta = build_pool(config_for("quick", out=str(out), data_dir=str(FMNIST_DIR),
+                                         **{**TINY_BUILD, "threads": count}), log=logs.append, show_progress=False)
+            runs.append((logs, meta))
+    finally:
+        torch.set_num_threads(threads)
+    for logs, _meta in runs:
+        assert "[oracle] done earlier, reusing oracle.pt" in logs and "[library] done earlier, reusing library.pt" in logs
+        assert "cache oracle_logits.npy: computing (600, 10) float32" in logs, logs
+        assert "cache library_features.npy: computing (600, 32, 14, 14) float16" in logs, logs
+        assert sum(line.startswith("[expert-") and line.endswith("running") for line in logs) == 4
+    assert runs[1][1].pool_id == Pool.open(tiny_pool_dir).meta.pool_id
+    for task in ("tops", "footwear", "bottoms", "bags"):
+        assert (out / "experts" / f"{task}.pt").read_bytes() == (tiny_pool_dir / "experts" / f"{task}.pt").read_bytes()
+    for cache in ("oracle_logits.npy", "library_features.npy"):
+        assert np.array_equal(np.load(out / "cache" / cache), np.load(tiny_pool_dir / "cache" / cache))
 
 
 def test_tampered_weights_are_refused(pool_copy):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ from pool_builder.pool import Pool  # noqa: E402
 from pool_builder.ray_backend import (ExpertResult, RayOptions, RayPoolBuild, build_pool_on_ray,  # noqa: E402
                                       parse_address, probe)
 
-from ..conftest import FMNIST_DIR, ROOT, TINY_BUILD, run_cli_env, tiny_cli_args  # noqa: E402
+from ..conftest import FMNIST_DIR, ROOT, TINY_BUILD, run_cli_env, tiny_cli_args, with_stages_of  # noqa: E402
 
 OPTS = RayOptions(shard_rows=512)  # 600 training images -> two shards per cache
 TINY_1_THREAD = {**TINY_BUILD, "threads": 1}
@@ -54,14 +54,11 @@ def ray_cluster():
 
 def _with_trained_stages(local: Path, out: Path) -> Path:
     """A pool directory holding the local build's oracle and library (+ records): only Ray's stages run."""
-    (out / "stages").mkdir(parents=True)
-    for name in ("oracle.pt", "library.pt", "stages/oracle.json", "stages/library.json"):
-        shutil.copy(local / name, out / name)
-    return out
+    return with_stages_of(local, out, ("oracle.pt", "library.pt", "stages/oracle.json", "stages/library.json"))
 
 
-def _cfg(out: Path):
-    return config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **TINY_1_THREAD)
+def _cfg(out: Path, **overrides):
+    return config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **{**TINY_1_THREAD, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -124,24 +121,70 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.02)
 
 
-def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
-    out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
+def _build_while(killer: WorkerKiller, out: Path) -> tuple[list[str], Any, str]:
+    """Build on Ray while ``killer`` watches; the log, the pool's metadata and the killed expert's last line."""
     logs: list[str] = []
-    killer = WorkerKiller()
     killer.start()
     try:
         meta = build_pool_on_ray(_cfg(out), OPTS, log=logs.append, show_progress=False)
     finally:
         killer.done.set()
         killer.join()
-    assert killer.killed is not None, "no expert task was caught running"
+    assert killer.killed is not None, f"{type(killer).__name__}: no expert task was caught"
     pid, title = killer.killed
-    task = title.removeprefix("ray::expert-")
-    finished = [line for line in logs if line.startswith(f"[expert-{task}] finished")]
-    assert len(finished) == 1 and f"pid {pid} " not in finished[0]  # Ray re-ran it in another worker
+    finished = [line for line in logs if line.startswith(f"[{title.removeprefix('ray::')}] finished")]
+    assert len(finished) == 1 and f"pid {pid} " not in finished[0], finished  # Ray re-ran it in another worker
+    return logs, meta, finished[0]
+
+
+def test_worker_killed_mid_expert_still_builds_the_local_pool(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
+    out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
+    logs, meta, _line = _build_while(WorkerKiller(), out)
     assert sorted(meta.experts) == sorted(json.loads((local_pool / "pool.json").read_text())["experts"])
     assert any("2 shard(s) on Ray" in line for line in logs)
     _assert_equals_local(out, local_pool)
+
+
+class CheckpointedWorkerKiller(WorkerKiller):
+    """SIGKILLs the worker of the first expert whose per-epoch checkpoint has appeared in the pool directory."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def run(self) -> None:
+        while not self.done.is_set() and self.killed is None:
+            stages = {p.name.removesuffix(".epoch.pt") for p in (self.out / "stages").glob("expert-*.epoch.pt")}
+            for pid, title in self._running_experts().items():
+                if title.removeprefix("ray::") in stages:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed = (pid, title)
+                    break
+            time.sleep(0.01)
+
+
+def test_retried_expert_resumes_from_its_checkpoint(tiny_pool_dir, local_pool, tmp_path, ray_cluster):
+    out = _with_trained_stages(tiny_pool_dir, tmp_path / "pool")
+    _logs, _meta, line = _build_while(CheckpointedWorkerKiller(out), out)
+    assert "(resumed after epoch " in line, line  # not from epoch 0 again
+    _assert_equals_local(out, local_pool)  # and still bit for bit the clean local build
+    assert list((out / "stages").glob("*.epoch.pt")) == []
+
+
+def test_library_ranks_as_ray_actors_equal_spawned_ranks(tiny_pool_dir, ddp_pool_dir, tmp_path, ray_cluster):
+    """2 library ranks as Ray actors (1 thread each) train the same bits as 2 spawned ranks (2 threads shared)."""
+    out = with_stages_of(tiny_pool_dir, tmp_path / "pool")
+    logs: list[str] = []
+    build_pool_on_ray(_cfg(out, library_workers=2), OPTS, log=logs.append, show_progress=False)
+    assert any("rank 1 as Ray actors" in line for line in logs), logs
+    assert (out / "library.pt").read_bytes() == (ddp_pool_dir / "library.pt").read_bytes()
+    Pool.open(out).verify()
+
+
+def test_more_library_ranks_than_the_cluster_has_cpus(tmp_path, ray_cluster):
+    build = RayPoolBuild(_cfg(tmp_path / "pool", library_workers=4), OPTS)
+    with pytest.raises(PoolBuilderError, match=r"ranks 1-3 as Ray actors of 1 CPU\(s\) each .* the cluster has 2"):
+        build._check_library_workers()
 
 
 class DriverDied(BaseException):
