@@ -16,7 +16,7 @@ with the torch composed model, bytes on disk, peak RSS (each variant alone in
 a child process), and the fraction of this CPU's measured float32 matrix
 multiply peak that the composed int8 model reaches.
 
-    python benchmarks/edge.py --pool runs/demo/pool --fragments runs/demo/fragments --out runs/bench/edge [--quick]
+    python benchmarks/edge.py --pool runs/demo/pool --fragments runs/demo/fragments --out runs/bench [--quick]   (results in runs/bench/edge/)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Headline, render_section, run_main, section_parser  # noqa: E402
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json, sha256_bytes  # noqa: E402
 from edge_runtime.bench import cpu_model, peak_rss_bytes, summarize  # noqa: E402
 from edge_runtime.encoding import InputEncoder  # noqa: E402
@@ -354,6 +355,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     t0 = result["threads"][0]
     lat = [r for r in result["latency"] if r["threads"] == t0]
     overheads = [r["overhead_vs_fused"] for r in lat]
+    int8_overheads = [r["overhead_vs_fused"] for r in lat if r["format"] == "tflite" and r["precision"] == "int8"]
     speedups = []
     for q in result["queries"]:
         oracle_fp32 = next(r for r in lat if r["query"] == q and r["format"] == "tflite" and r["precision"] == "fp32")
@@ -362,6 +364,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     int8_acc = [a for a in result["accuracy"] if a["precision"] == "int8"]
     return {"threads": t0, "composed_vs_fused_overhead_median": float(np.median(overheads)),
             "composed_vs_fused_overhead_max": float(max(overheads)),
+            "tflite_int8_composed_vs_fused_overhead_max": float(max(int8_overheads)),
             "tflite_int8_composed_vs_oracle_fp32_speedup_min": float(min(speedups)),
             "int8_accuracy_loss_vs_restricted_oracle_points_max": float(max(
                 (a["restricted_oracle_torch"] - a["composed"]) * 100 for a in int8_acc)),
@@ -373,10 +376,43 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
                 [r["fraction_of_peak"] for r in lat if r["format"] == "tflite" and r["precision"] == "int8"]))}
 
 
+def headlines(result: dict[str, Any]) -> list[Headline]:
+    """The edge claims for the report's summary table."""
+    h = headline(result)
+    t = h["threads"]
+    speedup, loss = h["tflite_int8_composed_vs_oracle_fp32_speedup_min"], h["int8_accuracy_loss_vs_restricted_oracle_points_max"]
+    return [
+        Headline(f"TFLite int8 composed vs oracle fp32, {t} thread (worst query)",
+                 f"{speedup:.2f}x faster, {loss:+.2f} pts vs restricted oracle",
+                 f">= {TARGETS['int8_composed_vs_oracle_fp32_speedup_min']:g}x at <= "
+                 f"{TARGETS['accuracy_loss_vs_restricted_oracle_max_points']:g} pt loss",
+                 speedup >= TARGETS["int8_composed_vs_oracle_fp32_speedup_min"]
+                 and loss <= TARGETS["accuracy_loss_vs_restricted_oracle_max_points"], speedup),
+        Headline(f"composed vs fused overhead, TFLite int8, {t} thread (worst query)",
+                 f"{h['tflite_int8_composed_vs_fused_overhead_max'] * 100:+.1f}%",
+                 f"<= +{TARGETS['composed_vs_fused_overhead_max'] * 100:.0f}%",
+                 h["tflite_int8_composed_vs_fused_overhead_max"] <= TARGETS["composed_vs_fused_overhead_max"],
+                 h["tflite_int8_composed_vs_fused_overhead_max"]),
+        Headline(f"composed vs fused overhead, every backend and precision, {t} thread (worst)",
+                 f"{h['composed_vs_fused_overhead_max'] * 100:+.1f}% (median {h['composed_vs_fused_overhead_median'] * 100:+.1f}%)",
+                 f"<= +{TARGETS['composed_vs_fused_overhead_max'] * 100:.0f}%",
+                 h["composed_vs_fused_overhead_max"] <= TARGETS["composed_vs_fused_overhead_max"],
+                 h["composed_vs_fused_overhead_max"]),
+        Headline("int8 top-1 agreement with the torch composed model (worst query)",
+                 f"{h['int8_top1_agreement_with_torch_min'] * 100:.2f}%",
+                 f">= {TARGETS['int8_top1_agreement_min'] * 100:.0f}%",
+                 h["int8_top1_agreement_with_torch_min"] >= TARGETS["int8_top1_agreement_min"],
+                 h["int8_top1_agreement_with_torch_min"]),
+        Headline("TFLite int8 composed: fraction of the measured int8 GEMM peak",
+                 f"{h['fraction_of_gemm_peak_tflite_int8'] * 100:.1f}%", "-", None,
+                 h["fraction_of_gemm_peak_tflite_int8"]),
+    ]
+
+
 def markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
     h = headline(result)
     m = result["machine"]
-    lines = ["## Edge: composed fragments vs fused graph vs oracle", "",
+    lines = ["# Edge: composed fragments vs fused graph vs oracle", "",
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, Python {m['python']}, numpy {m['numpy']} "
              f"(load average at the end {', '.join(f'{v:.1f}' for v in m['load_average'])}). Pool {result['pool_id']}; "
              f"batch 1; {result['rounds']} interleaved rounds; latency = preprocessing + model(s) + softmax.", "",
@@ -446,12 +482,12 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     return [str(path)]
 
 
+SECTION = "edge"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", default="runs/demo/pool")
-    ap.add_argument("--fragments", default="runs/demo/fragments")
-    ap.add_argument("--out", default="runs/bench/edge")
-    ap.add_argument("--quick", action="store_true", help="one query, fewer rounds")
+    ap = section_parser("edge.py", __doc__, SECTION, "one query, fewer rounds")
+    ap.add_argument("--fragments", default="runs/demo/fragments", help="the pool's exported fragments")
     ap.add_argument("--queries", help="';'-separated queries (default: the demo's)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int)
@@ -467,19 +503,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds or (300 if args.quick else 1000)
     for path, what in ((args.pool, "pool.json"), (args.fragments, "manifest.json")):
         if not (Path(path) / what).is_file():
-            print(f"edge.py: error: {path}/{what} not found; run `make demo` first (it builds the pool and its "
-                  f"fragments)", file=sys.stderr)
-            return 2
+            ap.error(f"{path}/{what} not found; run `make demo` first (it builds the pool and its fragments)")
+    out = Path(args.out) / SECTION
+    args.out = str(out)  # run() keeps its converted models in OUT/edge/models
     start = time.perf_counter()
     result = run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["wall_seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    plots = plot(result, out)
-    atomic_write_json(out / "result.json", result)
-    atomic_write_bytes(out / "report.md", markdown(result, plots).encode())
-    print(markdown(result, plots))
+    render_section(out, result, plot, markdown, headlines)
+    print((out / "report.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

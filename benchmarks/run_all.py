@@ -6,7 +6,8 @@ in its own process (output shown and kept in ``<out>/<section>/run.log``),
 records exit codes and times in ``<out>/run.json``, and assembles
 ``<out>/REPORT.md`` with ``benchmarks/report.py``.  A failing section does not
 stop the others; the exit code is 1 when any section failed.  The edge section
-runs only when ``benchmarks/edge.py`` exists.
+measures the pool's exported fragments (``make demo``'s beside the pool, else
+exported into ``<out>/fragments`` first).
 
     python benchmarks/run_all.py --quick --out runs/bench            # make bench
     python benchmarks/run_all.py --out runs/full/bench --pool runs/full/pool
@@ -14,6 +15,7 @@ runs only when ``benchmarks/edge.py`` exists.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -81,10 +83,37 @@ def find_pool(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
                     "note": f"`{shown(target)}` (quick profile, built for this run in {seconds:.0f} s)"}
 
 
+def same_pool(fragments: Path, pool: Path) -> bool:
+    """Whether ``fragments`` holds an export of exactly this pool (its manifest names the pool's id)."""
+    try:
+        manifest = json.loads((fragments / "manifest.json").read_text())
+        meta = json.loads((pool / "pool.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("pool_id") == meta.get("pool_id")
+
+
+def find_fragments(cfg: RunConfig, pool: Path) -> Path:
+    """The pool's exported fragments for the edge section: ``make demo``'s beside the pool, else exported now."""
+    beside = pool.parent / "fragments"
+    if same_pool(beside, pool):
+        return beside
+    target = cfg.out / "fragments"
+    if same_pool(target, pool):
+        return target
+    command = [sys.executable, "-m", "converters", "export", "--pool", shown(pool), "--out", shown(target),
+               "--overwrite"]
+    if stream(command, cfg.out / "fragments.log") != 0:
+        raise BenchError(f"exporting {pool} to {target} failed; see {cfg.out / 'fragments.log'}")
+    return target
+
+
 def command_for(section: Section, cfg: RunConfig, pool: Path) -> list[str]:
     command = [sys.executable, section.script, "--out", shown(cfg.out)]
-    if section.name in NEEDS_POOL:
+    if section.name in NEEDS_POOL or section.name == "edge":
         command += ["--pool", shown(pool)]
+    if section.name == "edge":
+        command += ["--fragments", shown(find_fragments(cfg, pool))]
     if cfg.data_dir and section.name in ("query_vs_training", "build_throughput"):
         command += ["--data-dir", cfg.data_dir]
     return command + (["--quick"] if cfg.quick else [])
@@ -103,7 +132,14 @@ def run(cfg: RunConfig) -> int:
             continue
         print(f"== {section.name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        rc = stream(command_for(section, cfg, pool), cfg.out / section.name / "run.log")
+        try:
+            command = command_for(section, cfg, pool)
+        except BenchError as exc:  # e.g. its fragments could not be exported: the other sections still run
+            print(f"{section.name}: {exc}", file=sys.stderr)
+            statuses[section.name] = {"status": "failed", "rc": 1, "seconds": round(time.perf_counter() - t0, 1),
+                                      "reason": str(exc)}
+            continue
+        rc = stream(command, cfg.out / section.name / "run.log")
         statuses[section.name] = {"status": "ok" if rc == 0 else "failed", "rc": rc,
                                   "seconds": round(time.perf_counter() - t0, 1)}
     earlier = read_run(cfg.out)  # sections not rerun keep their results and their record

@@ -1,0 +1,39 @@
+"""The edge section end to end on the tiny pool's fragments: every variant timed, headlines against targets."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, run_cli_env
+
+
+def test_edge_section_measures_the_tiny_bundle(tiny_pool_dir, tiny_fragments, tmp_path):
+    fragments, _, _ = tiny_fragments
+    done = subprocess.run([sys.executable, "benchmarks/edge.py", "--pool", str(tiny_pool_dir), "--fragments",
+                           str(fragments), "--out", str(tmp_path), "--quick", "--threads", "1", "--rounds", "10",
+                           "--warmup", "2"], cwd=ROOT, env=run_cli_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "edge" / "result.json").read_text())
+    variants = {(r["format"], r["precision"]) for r in result["latency"]}
+    assert variants == {("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8"), ("onnx", "fp32"),
+                        ("onnx", "int8")}
+    for row in result["latency"]:
+        assert all(row["latency_ms"][kind]["p50"] > 0 for kind in ("composed", "fused", "oracle"))
+        assert row["bytes"]["composed"] < row["bytes"]["oracle"]
+    fp32 = [a for a in result["accuracy"] if a["precision"] == "fp32"]
+    assert max(a["composed_max_abs_logit_error"] for a in fp32) < 1e-3  # the runtime reproduces torch
+    claims = [h["claim"] for h in result["headline"]]
+    assert claims[0] == "TFLite int8 composed vs oracle fp32, 1 thread (worst query)" and len(claims) == 5
+    assert all(isinstance(h["met"], bool) for h in result["headline"][:4])
+    report = (tmp_path / "edge" / "report.md").read_text()
+    assert report.startswith("# Edge: composed fragments vs fused graph vs oracle")
+    assert "| footwear,tops | tflite | int8 | 1 |" in report
+
+
+def test_edge_section_without_fragments_says_how_to_get_them(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/edge.py", "--pool", str(tmp_path), "--fragments",
+                           str(tmp_path), "--out", str(tmp_path)], cwd=ROOT, env=run_cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"edge.py: error: {tmp_path}/pool.json not found; run `make demo` "
+                                                "first (it builds the pool and its fragments)"]
