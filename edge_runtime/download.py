@@ -156,10 +156,10 @@ def _append(response: Any, partial: Path, start: int, expected: int, url: str) -
         except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as exc:
             handle.flush()
             raise _Transient(f"{url}: transfer cut off after {start + got} of {expected} bytes "
-                             f"({type(exc).__name__}); will resume") from None
+                             f"({type(exc).__name__})") from None
         handle.flush()
     if start + got < expected:
-        raise _Transient(f"{url}: transfer ended after {start + got} of {expected} bytes; will resume")
+        raise _Transient(f"{url}: transfer cut off after {start + got} of {expected} bytes (connection closed)")
 
 
 def download_blob(url: str, store: str | Path, sha256: str, size: int, policy: RetryPolicy = RetryPolicy(),
@@ -200,7 +200,13 @@ def download_blob(url: str, store: str | Path, sha256: str, size: int, policy: R
             raise DownloadError(f"{url}: downloaded {size} bytes whose sha256 does not match the signed manifest "
                                 f"(corrupted or tampered in transit); discarded it")
 
-    _with_retries(f"download {sha256[:12]}", policy, once, log)
+    try:
+        _with_retries(f"download {sha256[:12]}", policy, once, log)
+    except DownloadError as exc:
+        if partial.exists():
+            raise DownloadError(f"{exc}; the {_received(partial):,} bytes received are kept in {partial.name} and "
+                                f"the next fetch resumes from there") from None
+        raise
     commit_sibling(partial, final)
     return BlobResult(final, downloaded, resumed_from)
 

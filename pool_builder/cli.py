@@ -88,7 +88,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from .serve import DEFAULT_MAX_BODY
+    from .query_service import DEFAULT_MAX_BODY
 
     k = sub.add_parser("keygen", help="make the Ed25519 key pair that signs served manifests (KEY, KEY.pub)")
     k.add_argument("--out", required=True, help="private key file to write (mode 0600); the public key goes to "

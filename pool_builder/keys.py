@@ -54,6 +54,7 @@ def generate_keypair(out: str | Path, overwrite: bool = False) -> tuple[Path, Pa
         raise
     atomic_write_bytes(public, key.public_key().public_bytes(serialization.Encoding.PEM,
                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    public.chmod(0o644)  # the public half is meant to be copied to every device
     return private, public, key_id(key.public_key())
 
 

@@ -30,6 +30,7 @@ QUERY_FIELDS = ("tasks", "format", "precision")
 DEFAULT_FORMAT, DEFAULT_PRECISION = "tflite", "int8"
 FUSED_PRECISIONS = ("fp32", "int8")
 MAX_CACHED_ANSWERS = 4096
+DEFAULT_MAX_BODY = 16 * 1024  # a query is a few task names; anything bigger is refused with 413
 
 
 class QueryError(PoolBuilderError):

@@ -10,25 +10,25 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 Every 4xx answer is JSON ``{"error": "...", "valid": [...]}``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``) at
+# run time, and they are imported inside ``create_app`` so that the CLI does not pay for FastAPI on every call.
 import hashlib
 import re
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge_runtime.atomic_io import atomic_write_bytes
 from edge_runtime.manifest import MANIFEST_NAME, PRECISIONS
 
 from .errors import PoolBuilderError
 from .keys import VersionCounter, default_version_file
-from .query_service import DEFAULT_FORMAT, DEFAULT_PRECISION, FUSED_PRECISIONS, QueryError, QueryService
+from .query_service import (DEFAULT_FORMAT, DEFAULT_MAX_BODY, DEFAULT_PRECISION, FUSED_PRECISIONS, QueryError,
+                            QueryService)
 
 JSON = "application/json"
-DEFAULT_MAX_BODY = 16 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 Log = Callable[[str], None]
 
@@ -40,10 +40,10 @@ class ServeConfig:
     fragments: str
     host: str = "127.0.0.1"
     port: int = 8000
-    key: str | None = None
-    version_file: str | None = None
-    cache_dir: str | None = None
-    port_file: str | None = None
+    key: Optional[str] = None
+    version_file: Optional[str] = None
+    cache_dir: Optional[str] = None
+    port_file: Optional[str] = None
     max_body_bytes: int = DEFAULT_MAX_BODY
 
     def __post_init__(self) -> None:
@@ -58,9 +58,9 @@ class ServeConfig:
         return Path(self.cache_dir) if self.cache_dir else path.parent / f"{path.name}.serve-cache"
 
 
-def _query_schema(fused: bool) -> dict[str, Any]:
+def _query_schema(fused: bool) -> Dict[str, Any]:
     precisions = list(FUSED_PRECISIONS if fused else PRECISIONS)
-    properties: dict[str, Any] = {
+    properties: Dict[str, Any] = {
         "tasks": {"oneOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
                             {"type": "string", "description": "comma list"}],
                   "description": "primitive tasks, e.g. [\"footwear\", \"tops\"] (GET /v1/pool lists them)"},
@@ -72,7 +72,7 @@ def _query_schema(fused: bool) -> dict[str, Any]:
         "type": "object", "required": ["tasks"], "additionalProperties": False, "properties": properties}}}}}
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
+def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     """``(start, end)`` inclusive for one ``bytes=`` range, or None when unsatisfiable or malformed (-> 416)."""
     match = _RANGE.match(header.strip())
     if not match or (not match.group(1) and not match.group(2)):
@@ -102,7 +102,8 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
     app = FastAPI(title="Pool of Experts query service", version=str(service.version),
                   description=__doc__.split("\n\n", 1)[0])
 
-    def error(status: int, message: str, valid: list[str] | None = None, headers: dict[str, str] | None = None):
+    def error(status: int, message: str, valid: Optional[List[str]] = None,
+              headers: Optional[Dict[str, str]] = None) -> Response:
         return Response(QueryError(message, valid or []).to_json_bytes(), status_code=status, media_type=JSON,
                         headers=headers)
 
