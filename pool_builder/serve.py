@@ -72,6 +72,16 @@ def _query_schema(fused: bool) -> Dict[str, Any]:
         "type": "object", "required": ["tasks"], "additionalProperties": False, "properties": properties}}}}}
 
 
+def _errors(*codes: int) -> Dict[Any, Any]:
+    """OpenAPI entries for the JSON error body every 4xx answer carries."""
+    schema = {"type": "object", "required": ["error", "valid"],
+              "properties": {"error": {"type": "string", "description": "what was wrong"},
+                             "valid": {"type": "array", "items": {"type": "string"},
+                                       "description": "the valid choices, where there are any"}}}
+    return {code: {"description": "bad request (JSON error body)", "content": {JSON: {"schema": schema}}}
+            for code in codes}
+
+
 def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     """``(start, end)`` inclusive for one ``bytes=`` range, or None when unsatisfiable or malformed (-> 416)."""
     match = _RANGE.match(header.strip())
@@ -135,17 +145,18 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
                 raise QueryError(f"request body is larger than the limit of {max_body_bytes} bytes", status=413)
         return bytes(body)
 
-    @app.get("/v1/pool", summary="Catalog: tasks, classes, fragments with bytes and measured accuracies")
+    @app.get("/v1/pool", summary="Catalog: tasks, classes, fragments with bytes and measured accuracies",
+             responses=_errors(404))
     async def pool() -> Response:
         return Response(service.catalog_bytes, media_type=JSON)
 
     @app.post("/v1/query", summary="Signed per-query manifest naming only the fragments the query needs",
-              openapi_extra=_query_schema(fused=False))
+              openapi_extra=_query_schema(fused=False), responses=_errors(400, 413))
     async def query(request: Request) -> Response:
         return Response(service.answer(service.parse_query(await read_body(request))), media_type=JSON)
 
     @app.post("/v1/fused", summary="One ONNX model for the query (library + experts fused), cached per query",
-              openapi_extra=_query_schema(fused=True), response_class=Response)
+              openapi_extra=_query_schema(fused=True), response_class=Response, responses=_errors(400, 404, 413))
     async def fused(request: Request) -> Response:
         q = service.parse_query(await read_body(request), fused=True)
         path, class_ids = await run_in_threadpool(service.fused, q)
@@ -154,8 +165,6 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
                         headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                                  "X-Class-Ids": ",".join(map(str, class_ids)), "X-Tasks": ",".join(q.tasks)})
 
-    @app.api_route("/v1/fragments/{sha256}", methods=["GET", "HEAD"], response_class=Response,
-                   summary="Content-addressed fragment bytes (ETag, If-None-Match, Range)")
     async def fragment(sha256: str, request: Request) -> Response:
         data = service.blob(sha256)
         size, etag = len(data), f'"{sha256}"'
@@ -176,6 +185,10 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
                             media_type="application/octet-stream")
         return Response(body, status_code=status, headers=headers, media_type="application/octet-stream")
 
+    for method in ("get", "head"):
+        getattr(app, method)("/v1/fragments/{sha256}", response_class=Response, operation_id=f"{method}_fragment",
+                             summary="Content-addressed fragment bytes (ETag, If-None-Match, Range)",
+                             responses=_errors(400, 404, 416))(fragment)
     return app
 
 

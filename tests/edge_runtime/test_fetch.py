@@ -4,8 +4,6 @@ resumable downloads, verification before anything is visible, signatures, rollba
 from __future__ import annotations
 
 import hashlib
-import threading
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,6 +13,8 @@ from edge_runtime.download import DownloadError, RetryPolicy, download_blob, req
 from edge_runtime.fetch import FetchConfig, FetchError, check_update
 from edge_runtime.manifest import ManifestError, check_name, check_sha256
 from edge_runtime.signing import SignatureError, canonical_json, key_id, sign_document, verify_document
+
+from ..conftest import serving_in_thread
 
 DATA = bytes(range(256)) * 400  # 102,400 bytes
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -82,16 +82,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@contextmanager
 def fault_server():
-    server = FaultServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving_in_thread(FaultServer())
 
 
 def _visible(store: Path) -> list[str]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import shutil
 import stat
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +24,7 @@ import pytest
 from edge_runtime.manifest import MANIFEST_NAME, read_manifest
 from edge_runtime.signing import load_public_key, verify_document
 
-from ..conftest import ROOT, run_cli_env
+from ..conftest import ROOT, run_cli_env, serving_in_thread
 
 QUERY = {"tasks": ["footwear", "tops"], "format": "tflite", "precision": "int8"}
 
@@ -174,15 +172,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._forward("POST")
 
 
-@contextmanager
 def proxy_to(upstream: Server):
-    proxy = Proxy(upstream)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+    return serving_in_thread(Proxy(upstream))
 
 
 def _complete_files(bundle: Path) -> list[str]:
