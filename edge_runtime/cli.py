@@ -1,4 +1,4 @@
-"""``edge-runtime``: run a composite query on images (``run``), describe a bundle (``info``), time it (``bench``), update it over the air (``fetch``).
+"""``edge-runtime``: run a query on images (``run``), describe (``info``), time (``bench``) or update (``fetch``) a bundle.
 
 Input errors print one line and exit 2 (``--debug`` shows the traceback).
 """
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `pool-builder keygen`)")
     f.add_argument("--insecure", action="store_true", help="accept unsigned or badly signed manifests (never in "
                                                           "production)")
-    f.add_argument("--format", default="tflite", choices=["tflite", "onnx"], help="fragment format (default tflite)")
+    f.add_argument("--format", default="tflite", choices=["tflite", "onnx"],
+                   help="fragment format (default tflite)")
     f.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
     f.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff (default 4)")
     f.add_argument("--timeout", type=float, default=30.0, help="seconds without an answer before a try fails")

@@ -93,7 +93,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("keygen", help="make the Ed25519 key pair that signs served manifests (KEY, KEY.pub)")
     k.add_argument("--out", required=True, help="private key file to write (mode 0600); the public key goes to "
                                                 "OUT.pub for the devices")
-    k.add_argument("--overwrite", action="store_true", help="replace an existing key (devices must get the new .pub)")
+    k.add_argument("--overwrite", action="store_true",
+                   help="replace an existing key (devices must get the new .pub)")
     p = sub.add_parser("serve", help="realtime query service: catalog, signed per-query manifests, fragments, "
                                      "fused models (HTTP)")
     p.add_argument("--fragments", required=True, help="fragment directory (poe-convert export)")
@@ -283,7 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info, "keygen": cmd_keygen, "serve": cmd_serve}
+COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info, "keygen": cmd_keygen,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

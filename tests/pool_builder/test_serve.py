@@ -399,3 +399,13 @@ def test_server_refuses_a_corrupt_fragment_directory(tiny_fragments, keys, tmp_p
                 "--version-file", tmp_path / "v.json")
     assert done.returncode == 2 and "refusing to serve" in done.stderr and "expert.bags.onnx.int8" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fragments", "/nonexistent/frag"], "manifest.json not found: --fragments must be a fragment directory"),
+    (["--key", "/etc/hostname"], "--key: /etc/hostname is not an unencrypted PEM private key"),
+    (["--port", "70000"], "--port must be 0 (any free port) to 65535"),
+])
+def test_serve_bad_arguments_are_one_line_exit_2(tiny_fragments, args, message):
+    done = _run("pool_builder", "serve", "--fragments", tiny_fragments[0], "--port", "0", *args)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
