@@ -172,10 +172,10 @@ def download_blob(url: str, store: str | Path, sha256: str, size: int, policy: R
     if _received(partial) > size:
         partial.unlink()
     resumed_from = _received(partial)
-    downloaded = 0
+    downloaded, restarted = 0, False
 
     def once() -> None:
-        nonlocal downloaded
+        nonlocal downloaded, restarted
         start = _received(partial)
         if start < size:
             headers = {"User-Agent": USER_AGENT}
@@ -193,10 +193,16 @@ def download_blob(url: str, store: str | Path, sha256: str, size: int, policy: R
                     start = 0
                 try:
                     _append(response, partial, start, size, url)
+                except DownloadError:
+                    partial.unlink(missing_ok=True)  # a server sending too much is not resumed from
+                    raise
                 finally:  # bytes that arrived before a cut count too: they are kept for the next try
                     downloaded += max(0, _received(partial) - start)
         if sha256_file(partial) != sha256:
             partial.unlink()  # bytes that do not hash right are never kept, resumed or renamed
+            if resumed_from and not restarted:  # the bytes kept from an earlier run may be the bad ones
+                restarted = True
+                raise _Transient(f"{url}: the resumed download does not hash right; starting over")
             raise DownloadError(f"{url}: downloaded {size} bytes whose sha256 does not match the signed manifest "
                                 f"(corrupted or tampered in transit); discarded it")
 

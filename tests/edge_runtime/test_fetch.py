@@ -109,6 +109,14 @@ def test_partial_left_by_an_earlier_run_is_resumed(tmp_path):
     assert got.path.read_bytes() == DATA
 
 
+def test_a_corrupt_partial_from_an_earlier_run_is_discarded_and_downloaded_again(tmp_path):
+    (tmp_path / f"{SHA}.partial").write_bytes(b"x" * 30000)
+    with fault_server() as srv:
+        got = download_blob(f"{srv.url}/blob", tmp_path, SHA, len(DATA), FAST)
+    assert got.path.read_bytes() == DATA and "Range" not in srv.requests[-1]
+    assert _visible(tmp_path) == [SHA]
+
+
 def test_server_ignoring_range_restarts_from_zero(tmp_path):
     (tmp_path / f"{SHA}.partial").write_bytes(DATA[:30000])
     with fault_server() as srv:
