@@ -32,6 +32,11 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,bench]"
 	touch $@
 
+# The query service (`pool-builder serve`: FastAPI, uvicorn) and manifest signing (cryptography); its tests run in `make test`.
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,serve]"
+	touch $@
+
 dataset:
 	@if [ ! -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
 	  echo "installing Debian package dataset-fashion-mnist"; \
@@ -49,7 +54,7 @@ demo: venv dataset
 bench: venv $(VENV)/.installed-bench dataset
 	$(BIN)/python benchmarks/run_all.py --quick --out runs/bench
 
-test: venv $(VENV)/.installed-ray dataset
+test: venv $(VENV)/.installed-ray $(VENV)/.installed-serve dataset
 	$(BIN)/python -m pytest -q tests
 
 clean:

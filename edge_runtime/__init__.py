@@ -1,7 +1,9 @@
 """Device side of Pool of Experts: numpy plus one interpreter, nothing heavier.
 
 ``Runtime.open(bundle_dir, tasks=[...])`` verifies and loads only the library
-and the requested experts, and ``predict(images)`` composes them.  This
+and the requested experts, and ``predict(images)`` composes them;
+``edge-runtime fetch`` (``fetch``, ``download``, ``signing``) brings a bundle
+up to date from the query service with the standard library's HTTP.  This
 package must never import torch, tensorflow, pool_builder or converters;
 ``tests/edge_runtime/test_lean_imports.py`` proves it in a subprocess.  The
 shared on-disk helpers (atomic writes, sha256) and the manifest schema live

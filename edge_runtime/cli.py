@@ -1,4 +1,4 @@
-"""``edge-runtime``: run a composite query on images (``run``), describe a bundle (``info``), time it (``bench``).
+"""``edge-runtime``: run a query on images (``run``), describe (``info``), time (``bench``) or update (``fetch``) a bundle.
 
 Input errors print one line and exit 2 (``--debug`` shows the traceback).
 """
@@ -57,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=20)
     b.add_argument("--json", action="store_true", help="print the JSON record")
     b.add_argument("--out", help="also write the JSON record here (gather several boards with benchmarks/edge_boards.py)")
+    f = sub.add_parser("fetch", help="download only the fragments a query needs that the bundle lacks, signed "
+                                     "and verified (from `pool-builder serve`)")
+    f.add_argument("--server", required=True, help="query service URL, e.g. http://10.0.0.2:8000")
+    f.add_argument("--tasks", required=True, help="comma list of primitive tasks, e.g. footwear,tops")
+    f.add_argument("--bundle", required=True, help="bundle directory (created if needed): blobs/, manifest.json")
+    f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `pool-builder keygen`)")
+    f.add_argument("--insecure", action="store_true", help="accept unsigned or badly signed manifests (never in "
+                                                          "production)")
+    f.add_argument("--format", default="tflite", choices=["tflite", "onnx"],
+                   help="fragment format (default tflite)")
+    f.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
+    f.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff (default 4)")
+    f.add_argument("--timeout", type=float, default=30.0, help="seconds without an answer before a try fails")
+    f.add_argument("--json", action="store_true", help="print the JSON report")
     return parser
 
 
@@ -147,7 +161,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "info": _info, "bench": _bench}
+def _fetch(args: argparse.Namespace) -> int:
+    from .fetch import FetchConfig, fetch
+
+    cfg = FetchConfig(server=args.server, tasks=args.tasks, bundle=args.bundle, public_key=args.public_key,
+                      insecure=args.insecure, format=args.format, precision=args.precision, retries=args.retries,
+                      timeout=args.timeout)
+    report = fetch(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return 0
+
+
+COMMANDS = {"run": _run, "info": _info, "bench": _bench, "fetch": _fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

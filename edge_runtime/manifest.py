@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,6 +25,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DTYPES = ("float32", "int8", "uint8", "int16")
 LAYOUTS = ("NCHW", "NHWC", "NC")
 SCALE_RTOL = 1e-6  # float32 has ~7 significant digits
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Task names become parts of file names and URLs: the hierarchy's rule (pool_builder/hierarchy.py), no '/' or '..'.
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FRAGMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+-]{0,255}$")
 
 
 class ManifestError(ValueError):
@@ -35,6 +40,21 @@ def check_choice(kind: str, value: object, valid: tuple[str, ...] | list[str]) -
     if value not in valid:
         raise ManifestError(f"unknown {kind} {value!r}; valid: {', '.join(map(str, valid))}")
     return str(value)
+
+
+def check_sha256(what: str, value: object) -> str:
+    """``value`` if it is a lowercase hex sha256 (the only form a content-addressed store accepts as a name)."""
+    if not isinstance(value, str) or not SHA256_HEX.match(value):
+        raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits, got {str(value)[:80]!r}")
+    return value
+
+
+def check_name(kind: str, value: object, pattern: re.Pattern[str] = TASK_NAME) -> str:
+    """A task name or fragment id that is safe in a path or URL: letters, digits, '_', '-', '.'; no '/' or '..'."""
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise ManifestError(f"invalid {kind} {str(value)[:80]!r}: use letters, digits, '_', '-' or '.', "
+                            f"starting with a letter or digit (no '/', '\\' or '..')")
+    return value
 
 
 def safe_relative_path(name: str) -> str:
@@ -137,9 +157,15 @@ class Fragment:
         check_choice("role", self.role, ROLES)
         check_choice("format", self.format, FORMATS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_name("fragment id", self.id, FRAGMENT_ID)
         safe_relative_path(self.file)
-        if len(self.sha256) != 64:
-            raise ManifestError(f"fragment {self.id!r}: sha256 must be 64 hex digits")
+        check_sha256(f"fragment {self.id!r}", self.sha256)
+        if self.task is not None:
+            check_name("task name", self.task)
+        if self.library_sha256 is not None:
+            check_sha256(f"fragment {self.id!r} library_sha256", self.library_sha256)
+        if self.bytes < 0:
+            raise ManifestError(f"fragment {self.id!r}: bytes must be >= 0, got {self.bytes}")
         if not self.inputs or not self.outputs:
             raise ManifestError(f"fragment {self.id!r} lists no inputs or no outputs")
         if self.role == "expert" and (not self.task or not self.class_ids or not self.library_sha256):
@@ -193,6 +219,7 @@ class Manifest:
             raise ManifestError("manifest lists a fragment id twice")
         n = len(self.class_names)
         for task, class_ids in self.tasks.items():
+            check_name("task name", task)
             if not class_ids or any(not 0 <= c < n for c in class_ids):
                 raise ManifestError(f"task {task!r} has class ids {list(class_ids)} outside 0..{n - 1}")
         libraries = {(f.format, f.precision): f for f in self.fragments if f.role == "library"}

@@ -87,6 +87,28 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print pool.json")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .query_service import DEFAULT_MAX_BODY
+
+    k = sub.add_parser("keygen", help="make the Ed25519 key pair that signs served manifests (KEY, KEY.pub)")
+    k.add_argument("--out", required=True, help="private key file to write (mode 0600); the public key goes to "
+                                                "OUT.pub for the devices")
+    k.add_argument("--overwrite", action="store_true",
+                   help="replace an existing key (devices must get the new .pub)")
+    p = sub.add_parser("serve", help="realtime query service: catalog, signed per-query manifests, fragments, "
+                                     "fused models (HTTP)")
+    p.add_argument("--fragments", required=True, help="fragment directory (poe-convert export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--key", help="Ed25519 private key from `pool-builder keygen` (without it manifests are unsigned)")
+    p.add_argument("--version-file", help="manifest version counter (default KEY.version.json); bumped whenever "
+                                          "the fragment set changes, so versions only increase")
+    p.add_argument("--cache-dir", help="where fused per-query models are cached (default FRAGMENTS.serve-cache)")
+    p.add_argument("--port-file", help="write the bound port here once listening (for scripts and tests)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+                   help=f"largest accepted request body (default {DEFAULT_MAX_BODY})")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pool-builder", description="Pool of Experts: build a pool and query it")
     root.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -94,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_query(sub)
     _add_info(sub)
+    _add_serve(sub)
     return root
 
 
@@ -243,7 +266,26 @@ def _size(path: Path) -> str:
     return f"{path.stat().st_size:,}"
 
 
-COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info}
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .keys import generate_keypair
+
+    private, public, kid = generate_keypair(args.out, overwrite=args.overwrite)
+    print(f"private key {private} (mode 0600, keep it on the server); public key {public} (give it to the "
+          f"devices: edge-runtime fetch --public-key {public}); key id {kid}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    serve(ServeConfig(fragments=args.fragments, host=args.host, port=args.port, key=args.key,
+                      version_file=args.version_file, cache_dir=args.cache_dir, port_file=args.port_file,
+                      max_body_bytes=args.max_body_bytes))
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info, "keygen": cmd_keygen,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,14 @@ def tiny_fragments(tiny_pool_dir, tmp_path_factory):
     result = export_fragments(ExportConfig(pool=str(tiny_pool_dir), out=str(out), max_accuracy_drop=TINY_GATE),
                               log=lambda m: print(m, file=sys.stderr), summary_path=str(summary))
     return out, result, json.loads(summary.read_text())
+
+
+@contextmanager
+def serving_in_thread(server):
+    """Run a stdlib ``socketserver`` server (a fault-injecting HTTP server or proxy) in a thread for a test."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -146,7 +146,7 @@ def test_edge_extra_alone_runs_the_bundle(tiny_fragments, images_npy, tmp_path):
     listed = subprocess.run([python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, env=env)
     packages = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not packages & {"torch", "tensorflow", "tf-keras", "onnx", "onnxruntime", "tflite-runtime"}
-    assert {"numpy", "ai-edge-litert"} <= packages
+    assert {"numpy", "ai-edge-litert", "cryptography"} <= packages  # cryptography: signed manifests (fetch)
     bundle, (npy, _) = tiny_fragments[0], images_npy
     cli = env_dir / "bin" / "edge-runtime"
     run = subprocess.run([cli, "run", "--bundle", bundle, "--tasks", "footwear,tops", "--json", npy],

@@ -16,8 +16,15 @@ def _imported_after(statement: str) -> set[str]:
 
 
 def test_edge_runtime_imports_nothing_heavy():
-    modules = _imported_after("import edge_runtime, edge_runtime.atomic_io, edge_runtime.manifest, edge_runtime.runners")
+    modules = _imported_after("import edge_runtime, edge_runtime.atomic_io, edge_runtime.manifest, edge_runtime.runners, "
+                              "edge_runtime.signing, edge_runtime.download, edge_runtime.fetch, edge_runtime.cli")
     assert not {m for m in modules if m.split(".")[0] in HEAVY}
+
+
+def test_fetch_modules_import_neither_server_libraries_nor_cryptography_until_used():
+    modules = _imported_after("import edge_runtime.fetch, edge_runtime.download, edge_runtime.signing")
+    assert not {m for m in modules if m.split(".")[0] in ("fastapi", "uvicorn", "starlette", "cryptography",
+                                                              "requests")}
 
 
 def test_pool_builder_package_import_is_cheap():
