@@ -34,6 +34,7 @@ from .sysroot import BOARDS, CPUS, WHEELS, SetupError, cpu_root, guest_command, 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest.py"
 GUEST_TIMEOUT_S = 600
+FP32_IMAGES = 100  # fp32 runs ~5x slower than int8 under emulation; max |Δ| needs no more images
 BROKEN_MESSAGE = ("edge-runtime: error: tflite-runtime was built for numpy 1.x and fails under numpy {numpy}: "
                   "pip install 'numpy<2', or use ai-edge-litert instead (pip install ai-edge-litert)")
 Log = Callable[[str], None]
@@ -79,7 +80,7 @@ def _reference(fixtures: Any, interpreter: str, out: Path) -> dict[str, Any]:
     if reason:
         raise SetupError(f"x86 reference for {interpreter}: {reason} (make venv installs it)")
     logits, meta = predict_all(str(fixtures.fragments), np.load(fixtures.images), ",".join(fixtures.tasks),
-                               interpreter, PRECISIONS)
+                               interpreter, PRECISIONS, FP32_IMAGES)
     out.mkdir(parents=True, exist_ok=True)
     for precision, values in logits.items():
         np.save(out / f"{precision}.npy", values)
@@ -90,11 +91,13 @@ def _emulated(cpu: str, interpreter: str, root: Path, site: Path, edge: Path, fi
               reference: dict[str, Any]) -> Cell:
     cmd, env = guest_command(cpu, root, [edge, site], [str(GUEST), "--bundle", str(fixtures.fragments),
                              "--images", str(fixtures.images), "--tasks", ",".join(fixtures.tasks),
-                             "--backend", interpreter, "--precisions", ",".join(PRECISIONS), "--out", str(out)])
+                             "--backend", interpreter, "--precisions", ",".join(PRECISIONS),
+                             "--fp32-images", str(FP32_IMAGES), "--out", str(out)])
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=GUEST_TIMEOUT_S)
+                              timeout=GUEST_TIMEOUT_S, cwd=out)
     except subprocess.TimeoutExpired:
         return Cell(cpu, interpreter, "", "", GUEST_TIMEOUT_S, (), f"no result within {GUEST_TIMEOUT_S} s")
     seconds = round(time.perf_counter() - start, 1)
@@ -124,14 +127,14 @@ def _broken_case(root: Path, litert: Path, tflite: Path, edge: Path, fixtures: A
                           (tflite, ["tflite_runtime"] + [p.name for p in tflite.glob("tflite_runtime-*.dist-info")])):
         for name in names:
             if (source / name).exists():
-                (broken / name).symlink_to(source / name)
+                (broken / name).symlink_to((source / name).resolve())
     one = work / "one_image.npy"
     np.save(one, np.load(fixtures.images)[:1])
     cmd, env = guest_command("cortex-a72", root, [edge, broken],
                              ["-m", "edge_runtime", "run", "--bundle", str(fixtures.fragments),
                               "--tasks", ",".join(fixtures.tasks), "--backend", "tflite_runtime", str(one)])
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=GUEST_TIMEOUT_S)
+                          timeout=GUEST_TIMEOUT_S, cwd=work)  # not the checkout: `-m` would import from it
     expected = BROKEN_MESSAGE.format(numpy=numpy_version)
     seen = done.stderr.strip()
     ok = done.returncode == 2 and seen == expected
@@ -139,19 +142,21 @@ def _broken_case(root: Path, litert: Path, tflite: Path, edge: Path, fixtures: A
 
 
 def format_table(cells: Sequence[Cell]) -> str:
-    lines = [f"{'board (QEMU_CPU)':<28} {'interpreter':<24} {'numpy':<7} {'prec':<5} {'max |Δ|':>9} "
-             f"{'top-1':>8} {'flips':>5}  result"]
+    lines = [f"{'board (QEMU_CPU)':<28} {'interpreter':<24} {'numpy':<7} {'prec':<5} {'images':>6} "
+             f"{'max |Δ|':>13} {'top-1':>8} {'strict':>8} {'flips':>5}  result"]
     for cell in cells:
         board = f"{BOARDS[cell.cpu]} ({cell.cpu})"
         name = f"{cell.interpreter} {cell.version}".strip()
         if cell.error:
-            lines.append(f"{board:<28} {name:<24} {cell.numpy:<7} {'-':<5} {'-':>9} {'-':>8} {'-':>5}  FAIL")
+            lines.append(f"{board:<28} {name:<24} {cell.numpy:<7} {'-':<5} {'-':>6} {'-':>13} {'-':>8} {'-':>8} "
+                         f"{'-':>5}  FAIL")
             continue
         for c in cell.comparisons:
             delta = "-" if c.max_abs is None else f"{c.max_abs:.2g}"
-            delta += f" ({c.max_steps:.0f}st)" if c.max_steps is not None else ""
-            lines.append(f"{board:<28} {name:<24} {cell.numpy:<7} {c.precision:<5} {delta:>9} "
-                         f"{c.top1_agreement:>8.2%} {len(c.flips):>5}  {'ok' if c.ok else 'FAIL'}")
+            delta += f" ({c.max_steps:.0f} step)" if c.max_steps is not None else ""
+            lines.append(f"{board:<28} {name:<24} {cell.numpy:<7} {c.precision:<5} {c.images:>6} {delta:>13} "
+                         f"{c.top1_agreement:>8.2%} {c.top1_strict:>8.2%} {len(c.flips):>5}  "
+                         f"{'ok' if c.ok else 'FAIL'}")
     return "\n".join(lines)
 
 
@@ -182,11 +187,11 @@ def run_check(args: argparse.Namespace, log: Log = _log) -> int:
         raise SetupError(f"--jobs must be >= 1, got {args.jobs}")
     started = time.perf_counter()
     require_tools()
-    cache = Path(args.cache)
+    cache = Path(args.cache).resolve()  # the guest runs elsewhere: every path it gets is absolute
     root = sysroot(cache, log)
     sites = {name: wheels(cache, name, log) for name in sorted(set(interpreters) | {"ai_edge_litert", "tflite_runtime"})}
     log(f"set-up done in {time.perf_counter() - started:.0f} s")
-    work = Path(tempfile.mkdtemp(prefix="test-arm-"))
+    work = Path(tempfile.mkdtemp(prefix="test-arm-")).resolve()
     try:
         fixtures = build_fixtures(work, log)
         log(f"fixtures done at {time.perf_counter() - started:.0f} s")
