@@ -11,6 +11,7 @@ and writes ``results.json``.  Exit 0 all pass; 1 a comparison or run failed;
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -104,8 +105,6 @@ def _emulated(cpu: str, interpreter: str, root: Path, site: Path, edge: Path, fi
     if done.returncode != 0:
         return Cell(cpu, interpreter, "", "", seconds, (),
                     f"emulated run exited {done.returncode}: {_tail(done.stderr)}")
-    import json
-
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     if meta["machine"] != "aarch64":
         return Cell(cpu, interpreter, meta["version"], meta["numpy"], seconds, (),
