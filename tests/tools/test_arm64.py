@@ -212,3 +212,17 @@ def test_the_broken_case_expects_the_runtimes_own_message(monkeypatch):
 
 def test_guest_imports_only_what_a_device_has():
     assert not {m for m in _imported_after("import tools.arm64.guest") if m.split(".")[0] in HEAVY}
+
+
+def test_table_shows_every_cell_including_runs_that_failed():
+    from tools.arm64.check import Cell, format_table
+
+    ref = _logits()
+    good = Cell("cortex-a76", "tflite_runtime", "2.14.0", "1.26.4", 60.0,
+                (compare(ref, ref, "fp32"), compare(ref, ref, "int8", STEP)))
+    broken = Cell("cortex-a72", "ai_edge_litert", "", "", 3.0, (), "emulated run exited -11: Segmentation fault")
+    lines = format_table([good, broken]).splitlines()
+    assert len(lines) == 4 and good.ok and not broken.ok
+    assert "Raspberry Pi 5 (cortex-a76)" in lines[1] and lines[2].split()[-6:] == \
+        ["(0", "step)", "100.00%", "100.00%", "0", "ok"]
+    assert lines[3].startswith("Raspberry Pi 4 (cortex-a72)") and lines[3].endswith("FAIL")
