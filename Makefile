@@ -7,7 +7,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := runs/demo
 
-.PHONY: demo test bench dataset venv clean
+.PHONY: demo test test-arm arm-tools bench dataset venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,5 +57,16 @@ bench: venv $(VENV)/.installed-bench dataset
 test: venv $(VENV)/.installed-ray $(VENV)/.installed-serve dataset
 	$(BIN)/python -m pytest -q tests
 
+# The edge runtime on emulated Raspberry Pi 4 / 5 CPUs (aarch64, qemu user mode) against x86: see README,
+# "Devices".  The arm64 sysroot and wheels are cached in .cache/arm64; no chroot, no binfmt.
+arm-tools:
+	@if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then \
+	  echo "installing Debian packages qemu-user-static mmdebstrap"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends qemu-user-static mmdebstrap; \
+	fi
+
+test-arm: venv dataset arm-tools
+	$(BIN)/python -m tools.arm64
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache
