@@ -113,7 +113,7 @@ def tiny_fragments(tiny_pool_dir, tmp_path_factory):
 
 # Progressive experts (issue 9): the tiny pool's oracle, caches and library, experts as 2 stages each
 # (each stage is one more onnx2tf conversion per expert in the export fixture: 2 keeps it short).
-PROGRESSIVE_BUILD = dict(TINY_BUILD, expert_epochs=8, expert_stages=2, stage_width=0.125)
+PROGRESSIVE_BUILD = dict(TINY_BUILD, expert_stages=2, stage_width=0.125)
 TINY_LIBRARY = TRAINED_ORACLE + ("cache/oracle_logits.npy", "cache/oracle_logits.json", "library.pt",
                                  "stages/library.json", "cache/library_features.npy", "cache/library_features.json")
 

@@ -70,8 +70,8 @@ def test_resume_reuses_finished_stages_and_rebuilds_the_same_bits(progressive_po
     out = tmp_path / "pool"
     shutil.copytree(progressive_pool_dir, out)
     before = json.loads((out / "pool.json").read_text())["experts"]["tops"]["sha256"]
-    (out / f"experts/tops.stage{STAGES}.pt").unlink()  # as if killed during tops' last stage
-    (out / "pool.json").unlink()
+    for name in (f"experts/tops.stage{STAGES}.pt", "experts/tops.pt", "stages/expert-tops.json", "pool.json"):
+        (out / name).unlink()  # as if killed during tops' last stage
     messages: list[str] = []
     build = config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **PROGRESSIVE_BUILD)
     meta = build_pool(build, log=messages.append, show_progress=False)
