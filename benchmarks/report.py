@@ -46,6 +46,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("build_throughput", "Build throughput: cached vs online", "benchmarks/build_throughput.py"),
     Section("scale_ablation", "Ablation: L_scale and alpha", "benchmarks/scale_ablation.py"),
     Section("edge", "Edge latency", "benchmarks/edge.py"),
+    Section("progressive", "Progressive experts: accuracy vs latency", "benchmarks/progressive.py"),
 )
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")

@@ -31,7 +31,7 @@ from benchmarks.report import RUN_FILE, SECTIONS, Section, assemble, read_run  #
 from edge_runtime.atomic_io import atomic_write_json  # noqa: E402
 
 DEMO_POOL = ROOT / "runs" / "demo" / "pool"
-NEEDS_POOL = ("query_vs_training", "build_throughput", "scale_ablation")
+NEEDS_POOL = ("query_vs_training", "build_throughput", "scale_ablation", "progressive")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,11 @@ class Reference:
     features_nchw: np.ndarray
     expert_logits: dict[str, np.ndarray]
     tasks: dict[str, tuple[int, ...]]
+    # progressive experts: torch logits after 1..S stages (the last equals expert_logits[task])
+    partial_logits: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def partial(self, task: str, stage: int | None) -> np.ndarray:
+        return self.expert_logits[task] if stage is None else self.partial_logits[task][stage - 1]
 
 
 @dataclass
@@ -75,8 +80,18 @@ def _errors(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     return {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean())}
 
 
-def measure_variant(fragments_dir: Path, library: Fragment, experts: dict[str, Fragment], ref: Reference,
-                    queries: Sequence[Sequence[str]], threads: int | None = None) -> VariantAgreement:
+def stage_query_key(query: Sequence[str], stages: int) -> str:
+    """Key of a query's composite after ``stages`` stages of every expert (progressive bundles)."""
+    return f"{','.join(query)}@stage{stages}"
+
+
+def measure_variant(fragments_dir: Path, library: Fragment, experts: dict[str, Fragment | Sequence[Fragment]],
+                    ref: Reference, queries: Sequence[Sequence[str]], threads: int | None = None) -> VariantAgreement:
+    """Agreement of one variant; a progressive expert (its stage fragments in order) is judged on every partial sum.
+
+    A stage fragment's numbers are those of the running sum up to it, against torch's partial sum;
+    queries are also measured after k stages of every expert (``query@stagek``) for k < S.
+    """
     result = VariantAgreement()
     lib = open_runner(fragments_dir, library, threads)
     x = to_layout(ref.images_nchw, "NCHW", lib.input.layout)
@@ -84,27 +99,46 @@ def measure_variant(fragments_dir: Path, library: Fragment, experts: dict[str, F
     features = to_layout(dequantize(raw_features, lib.output), lib.output.layout, "NCHW")
     result.fragments[library.id] = _errors(features, ref.features_nchw)
 
-    chained: dict[str, np.ndarray] = {}
-    for task, frag in experts.items():
-        runner = open_runner(fragments_dir, frag, threads)
-        alone = run_batched(runner.run, to_layout(ref.features_nchw, "NCHW", runner.input.layout))
-        want = ref.expert_logits[task]
+    chained_by_stage: dict[int, dict[str, np.ndarray]] = {}  # stage count -> task -> chained running sum
+    most = 1
+    for task, frags in experts.items():
+        frags = (frags,) if isinstance(frags, Fragment) else tuple(frags)
+        most = max(most, len(frags))
         class_ids = np.asarray(ref.tasks[task])
         mask = np.isin(ref.labels, class_ids)
-        stats = _errors(alone, want)
-        stats["top1_agreement"] = float(np.mean(np.argmax(alone, 1) == np.argmax(want, 1)))
-        stats["accuracy"] = float(np.mean(class_ids[np.argmax(alone[mask], 1)] == ref.labels[mask]))
-        stats["torch_accuracy"] = float(np.mean(class_ids[np.argmax(want[mask], 1)] == ref.labels[mask]))
-        result.fragments[frag.id] = stats
-        result.seam_passthrough[task] = runner.input.same_encoding(lib.output)
-        fed = pass_between(raw_features, lib.output, runner.input)
-        chained[task] = run_batched(lambda b: dequantize(runner.run_raw(b), runner.output), fed)
+        alone_sum, chained_sum, passthrough = None, None, True
+        for k, frag in enumerate(frags, start=1):
+            runner = open_runner(fragments_dir, frag, threads)
+            alone = run_batched(runner.run, to_layout(ref.features_nchw, "NCHW", runner.input.layout))
+            alone_sum = alone if alone_sum is None else alone_sum + alone
+            want = ref.partial(task, frag.stage)
+            stats = _errors(alone_sum, want)
+            stats["top1_agreement"] = float(np.mean(np.argmax(alone_sum, 1) == np.argmax(want, 1)))
+            stats["accuracy"] = float(np.mean(class_ids[np.argmax(alone_sum[mask], 1)] == ref.labels[mask]))
+            stats["torch_accuracy"] = float(np.mean(class_ids[np.argmax(want[mask], 1)] == ref.labels[mask]))
+            result.fragments[frag.id] = stats
+            passthrough = passthrough and runner.input.same_encoding(lib.output)
+            fed = pass_between(raw_features, lib.output, runner.input)
+            out = run_batched(lambda b: dequantize(runner.run_raw(b), runner.output), fed)
+            chained_sum = out if chained_sum is None else chained_sum + out
+            chained_by_stage.setdefault(k, {})[task] = chained_sum
+        result.seam_passthrough[task] = passthrough
+    for k in range(2, most + 1):  # an expert with fewer stages keeps its last sum
+        for task in experts:
+            chained_by_stage[k].setdefault(task, chained_by_stage[k - 1][task])
+    chained = chained_by_stage[most]
 
     for query in queries:
         acc, n = composite_accuracy(chained, ref.labels, ref.tasks, query)
         torch_acc, _ = composite_accuracy(ref.expert_logits, ref.labels, ref.tasks, query)
         result.queries[",".join(query)] = {"accuracy": acc, "torch_accuracy": torch_acc, "images": n,
                                            "drop_points": (torch_acc - acc) * 100.0}
+        for k in range(1, most):
+            torch_k = {t: (sums := ref.partial_logits.get(t, [ref.expert_logits[t]]))[min(k, len(sums)) - 1] for t in query}
+            acc, n = composite_accuracy(chained_by_stage[k], ref.labels, ref.tasks, query)
+            torch_acc, _ = composite_accuracy(torch_k, ref.labels, ref.tasks, query)
+            result.queries[stage_query_key(query, k)] = {"accuracy": acc, "torch_accuracy": torch_acc, "images": n,
+                                                         "drop_points": (torch_acc - acc) * 100.0, "stages": k}
     everything = tuple(sorted(experts))
     got = np.concatenate([chained[t] for t in everything], 1)
     want = np.concatenate([ref.expert_logits[t] for t in everything], 1)

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace fragments of a different pool in --out")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads while measuring")
     p.add_argument("--skip-tflite-runtime", action="store_true", help="do not cross-check with tflite-runtime")
+    p.add_argument("--latency", default="auto", choices=["auto", "always", "never"],
+                   help="measure every fragment's latency at batch 1, 1 thread, into the manifest "
+                        "(auto: only for progressive experts, which the device's --budget-ms planner needs)")
     p.add_argument("--summary", help="write the JSON summary here (also when a gate fails)")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of a table")
     f = sub.add_parser("fuse", help="one ONNX file for a query, from existing ONNX fragments (no TensorFlow)")
@@ -79,7 +82,7 @@ def _export(args: argparse.Namespace) -> int:
                        schemes=tuple(args.schemes.split(",")),
                        queries=tuple(tuple(t.strip() for t in q.split(",") if t.strip()) for q in args.query),
                        overwrite=args.overwrite, threads=args.threads,
-                       check_tflite_runtime=not args.skip_tflite_runtime)
+                       check_tflite_runtime=not args.skip_tflite_runtime, latency=args.latency)
     result = Export(cfg).run()
     if args.summary:
         atomic_write_json(args.summary, result.summary)

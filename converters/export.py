@@ -20,21 +20,26 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edge_runtime.atomic_io import LockBusyError, atomic_write_json, exclusive_lock, sha256_bytes
-from edge_runtime.manifest import (FORMATS, MANIFEST_NAME, PRECISIONS, Fragment, Manifest, ManifestError,
-                                   Preprocessing, TensorSpec, check_choice, fragment_id, write_manifest)
+from edge_runtime.manifest import (FORMATS, MANIFEST_NAME, PRECISIONS, SINGLE_STAGE_SCHEMA_VERSION,
+                                   STAGED_SCHEMA_VERSION, Fragment, Manifest, ManifestError, Preprocessing, TensorSpec,
+                                   check_choice, fragment_id, write_manifest)
 from edge_runtime.runners import dequantize, open_runner, quantize, to_layout
+from pool_builder.models import ProgressiveExpert
 from pool_builder.pool import Pool
 
 from .agreement import TOLERANCES, Reference, VariantAgreement, gate_failures, measure_variant, query_names
 from .calibration import calibration_images, evaluation_images, torch_outputs
 from .checks import check_onnx, check_tflite_ops, run_in_tflite_runtime
 from .errors import ConvertError, GateError
+from .latency import LATENCY_CONDITIONS, fragment_latencies
+from .stages import ExpertUnit, expert_units
 from .onnx_export import OPSET, OnnxSource, export_expert, export_library
 from .onnx_quantize import quantize_onnx
 from .schemes import DEFAULT_SCHEME_ORDER, QuantScheme, parse_schemes
 from .tflite_convert import TFLiteModels, convert_with_onnx2tf, tflite_io_specs
 
 Log = Callable[[str], None]
+LATENCY_CHOICES = ("auto", "always", "never")
 PRECISIONS_BY_FORMAT = {"onnx": ("fp32", "int8"), "tflite": ("fp32", "fp16", "int8")}
 EXTENSION = {"onnx": "onnx", "tflite": "tflite"}
 
@@ -71,8 +76,11 @@ class ExportConfig:
     overwrite: bool = False
     threads: int | None = 2
     check_tflite_runtime: bool = True
+    latency: str = "auto"  # per-fragment latency at batch 1: auto = for progressive pools only, always, never
 
     def __post_init__(self) -> None:
+        if self.latency not in LATENCY_CHOICES:
+            raise ConvertError(f"unknown latency mode {self.latency!r}; valid: {', '.join(LATENCY_CHOICES)}")
         object.__setattr__(self, "formats", parse_list("format", self.formats, FORMATS))
         object.__setattr__(self, "precisions", parse_list("precision", self.precisions, PRECISIONS))
         parse_schemes(self.schemes)
@@ -148,6 +156,9 @@ class Export:
         self.agreements: dict[str, VariantAgreement] = {}
         self.chosen_schemes: dict[str, dict[str, Any]] = {}
         self.timings: dict[str, float] = {}
+        self.latencies: dict[str, float] = {}
+        self.units: dict[str, ExpertUnit] = {}
+        self.staged = False
 
     def _check_query(self, query: Sequence[str]) -> tuple[str, ...]:
         for task in query:
@@ -185,13 +196,17 @@ class Export:
         t0 = time.perf_counter()
         library = self.pool.library()
         experts = {t: self.pool.expert(t) for t in self.tasks}
+        self.units = expert_units(experts)
+        self.staged = any(u.stage is not None for u in self.units.values())
         calib = calibration_images(self.pool, cfg.calibration_images, cfg.data_dir, cfg.calibration_file)
         evaluation = evaluation_images(self.pool, cfg.eval_images, cfg.data_dir)
         self.calib_features = torch_outputs(library, calib.images)
         self.calib = calib
         eval_features = torch_outputs(library, evaluation.images)
         self.ref = Reference(evaluation.images, evaluation.labels, eval_features,
-                             {t: torch_outputs(m, eval_features) for t, m in experts.items()}, self.tasks)
+                             {t: torch_outputs(m, eval_features) for t, m in experts.items()}, self.tasks,
+                             {t: [torch_outputs(m.partial(k), eval_features) for k in range(1, m.num_stages + 1)]
+                              for t, m in experts.items() if isinstance(m, ProgressiveExpert)})
         self._timed("torch_reference", t0)
         self.log(f"pool {self.pool.meta.pool_id}: {len(self.tasks)} experts, {len(calib)} calibration and "
                  f"{len(evaluation)} held-out images; variants {', '.join(f'{f}/{p}' for f, p in cfg.variants())}")
@@ -202,6 +217,10 @@ class Export:
                 failures += self._variant(staging, fmt, precision, sources)
         if not failures and cfg.check_tflite_runtime and "tflite" in cfg.formats:
             failures += self._check_tflite_runtime(staging)
+        if not failures and (cfg.latency == "always" or (cfg.latency == "auto" and self.staged)):
+            t0 = time.perf_counter()
+            self.latencies = fragment_latencies(staging, self.fragments)
+            self._timed("latency", t0)
         manifest = None if failures else self._manifest()
         if manifest is not None:
             write_manifest(staging, manifest)
@@ -209,13 +228,14 @@ class Export:
 
     # ----------------------------------------------------------------- sources
     def _sources(self, fmt: str, library, experts) -> dict[str | None, OnnxSource]:
+        """ONNX graphs of the library (key None) and of every expert unit (key: task, or task.stageK)."""
         t0 = time.perf_counter()
         nhwc = fmt == "tflite"
         chw = tuple(self.pool.meta.dataset.input_shape)
         sources: dict[str | None, OnnxSource] = {None: export_library(library, chw, nhwc)}
         feature_chw = tuple(self.calib_features.shape[1:])
-        for task, module in experts.items():
-            sources[task] = export_expert(module, feature_chw, nhwc)
+        for key, unit in self.units.items():
+            sources[key] = export_expert(unit.module, feature_chw, nhwc)
         self._timed(f"{fmt}_torch_export", t0)
         self._tflite_runs: dict[tuple[str | None, bool], TFLiteModels] = {}
         return sources
@@ -248,21 +268,23 @@ class Export:
         # onnx2tf turns the NCHW image input into NHWC
         return (data, *tflite_io_specs(data, source.input_name, "NHWC", source.output_name, out_layout))
 
-    def _fragment(self, staging: Path, fmt: str, precision: str, task: str | None, source: OnnxSource,
+    def _fragment(self, staging: Path, fmt: str, precision: str, key: str | None, source: OnnxSource,
                   scheme: QuantScheme | None, library_sha: str | None) -> Fragment:
-        """Convert one graph, check it structurally and write it into the staging directory."""
-        data, in_spec, out_spec = self._convert(fmt, precision, task, source, scheme)
-        what = "library" if task is None else f"expert {task!r}"
+        """Convert one graph (library: key None; else an expert unit), check it and write it into staging."""
+        data, in_spec, out_spec = self._convert(fmt, precision, key, source, scheme)
+        unit = None if key is None else self.units[key]
+        task, stage = (None, None) if unit is None else (unit.task, unit.stage)
+        what = "library" if key is None else f"expert {key!r}"
         (check_onnx if fmt == "onnx" else check_tflite_ops)(data, f"{fmt} {precision} {what}")
-        rel = f"{fmt}/{precision}/" + ("library" if task is None else f"experts/{task}") + f".{EXTENSION[fmt]}"
+        rel = f"{fmt}/{precision}/" + ("library" if key is None else f"experts/{key}") + f".{EXTENSION[fmt]}"
         path = staging / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)  # the whole staging directory is published atomically
         role = "library" if task is None else "expert"
-        return Fragment(id=fragment_id(role, task, fmt, precision), role=role, format=fmt, precision=precision,
+        return Fragment(id=fragment_id(role, task, fmt, precision, stage), role=role, format=fmt, precision=precision,
                         file=rel, sha256=sha256_bytes(data), bytes=len(data), inputs=(in_spec,), outputs=(out_spec,),
                         task=task, class_ids=self.tasks[task] if task else (), library_sha256=library_sha,
-                        scheme=scheme.to_json() if scheme else {})
+                        scheme=scheme.to_json() if scheme else {}, stage=stage)
 
     def _variant(self, staging: Path, fmt: str, precision: str, sources: dict[str | None, OnnxSource]) -> list[str]:
         """Convert, check and measure one format/precision; int8 retries safer schemes until the gate passes."""
@@ -272,8 +294,9 @@ class Export:
             label = f"{fmt}/{precision}" + (f" ({scheme.name})" if scheme else "")
             t0 = time.perf_counter()
             lib = self._fragment(staging, fmt, precision, None, sources[None], scheme, None)
-            experts = {t: self._fragment(staging, fmt, precision, t, sources[t], scheme, lib.sha256)
-                       for t in self.tasks}
+            units = {key: self._fragment(staging, fmt, precision, key, sources[key], scheme, lib.sha256)
+                     for key in self.units}
+            experts = {t: tuple(units[k] for k, u in self.units.items() if u.task == t) for t in self.tasks}
             self._timed(f"{fmt}_{precision}_convert", t0)
             t0 = time.perf_counter()
             agreement = measure_variant(staging, lib, experts, self.ref, self.queries, self.cfg.threads)
@@ -283,10 +306,10 @@ class Export:
             attempts.append({"scheme": scheme.name if scheme else None, "passed": not failures,
                              "worst_drop_points": round(worst, 3), "failures": failures})
             self.log(f"  {label}: {'ok' if not failures else 'FAILED'} - library+experts "
-                     f"{lib.bytes + sum(e.bytes for e in experts.values()):,} bytes, worst composite drop "
+                     f"{lib.bytes + sum(e.bytes for e in units.values()):,} bytes, worst composite drop "
                      f"{worst:+.2f} points vs torch" + ("" if not failures else f"; {failures[0]}"))
             if not failures:
-                self.fragments += [lib, *experts.values()]
+                self.fragments += [lib, *units.values()]
                 self.agreements[f"{fmt}.{precision}"] = agreement
                 self.chosen_schemes[f"{fmt}.{precision}"] = {"scheme": scheme.name if scheme else None,
                                                               "attempts": attempts}
@@ -330,7 +353,8 @@ class Export:
                 agreement["input_matches_library_output"] = \
                     self.agreements[f"{frag.format}.{frag.precision}"].seam_passthrough[frag.task]
             fragments.append(Fragment(**{**asdict(frag), "inputs": frag.inputs, "outputs": frag.outputs,
-                                         "agreement": _rounded(agreement)}))
+                                         "agreement": _rounded(agreement),
+                                         "latency": _rounded(self.latencies.get(frag.id))}))
         meta = self.pool.meta.dataset
         c, h, w = meta.input_shape
         return Manifest(
@@ -343,7 +367,9 @@ class Export:
                                        "int8_passthrough": all(v.seam_passthrough.values())}
                                    for k, v in sorted(self.agreements.items())},
             tools={**{name: _version(name) for name in ("torch", "onnx", "onnxruntime", "onnx2tf", "tensorflow",
-                                                         "ai-edge-litert")}, "opset": str(OPSET)})
+                                                         "ai-edge-litert")}, "opset": str(OPSET),
+                   **({"latency": LATENCY_CONDITIONS} if self.latencies else {})},
+            schema_version=STAGED_SCHEMA_VERSION if self.staged or self.latencies else SINGLE_STAGE_SCHEMA_VERSION)
 
     def _summary(self, failures: list[str]) -> dict[str, Any]:
         by_variant: dict[str, int] = {}
@@ -360,7 +386,8 @@ class Export:
                                "agreement": _rounded({**self.agreements[f"{f.format}.{f.precision}"].fragments[f.id],
                                                       **f.agreement})}
                               for f in self.fragments],
-                "composites": {k: _rounded(v.queries) for k, v in sorted(self.agreements.items())}}
+                "composites": {k: _rounded(v.queries) for k, v in sorted(self.agreements.items())},
+                **({"latency_ms": _rounded(self.latencies)} if self.latencies else {})}
 
 
 SEAM = {

@@ -77,6 +77,10 @@ def fuse_query(fragments_dir: str | Path, tasks: Sequence[str], out: str | Path,
     chosen = tuple(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     if not chosen:
         raise ConvertError(f"no tasks given; valid: {', '.join(sorted(manifest.tasks))}")
+    if manifest.staged:
+        raise ConvertError(f"{root} holds progressive experts (stage fragments); fuse does not build staged graphs - "
+                           "run them with `edge-runtime run --stages K` or `--budget-ms MS`, or export a pool built "
+                           "with --expert-stages 1 to fuse it")
     try:
         lib_frag = manifest.fragment("library", "onnx", precision)
         expert_frags = {t: manifest.fragment("expert", "onnx", precision, t) for t in chosen}

@@ -163,7 +163,7 @@ def format_bench(record: dict[str, Any]) -> str:
              f"{loaded['bytes']:,} bytes; batch {record['config']['batch']}",
              f"{'threads':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'glue ms':>8} {'img/s':>9}  per fragment p50 ms"]
     for r in record["results"]:
-        parts = ", ".join(f"{fid.split('.')[1] if fid.startswith('expert') else 'library'} "
+        parts = ", ".join(f"{fid.rsplit('.', 2)[0].removeprefix('expert.') if fid.startswith('expert') else 'library'} "
                           f"{s['p50']:.3f}" for fid, s in r["fragments_ms"].items())
         t = r["total_ms"]
         lines.append(f"{r['threads']:>7} {t['p50']:>8.3f} {t['p90']:>8.3f} {t['p99']:>8.3f} {r['glue_ms_p50']:>8.3f} "

@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resize", action="store_true", help="resize image files to the model's size")
     r.add_argument("--top", type=int, help="probabilities shown per image (default 3; with --json: all)")
     r.add_argument("--json", action="store_true", help="print JSON (all probabilities unless --top is given)")
+    anytime = r.add_argument_group("progressive experts (anytime inference)")
+    budget = anytime.add_mutually_exclusive_group()
+    budget.add_argument("--budget-ms", type=float, metavar="MS",
+                        help="run as many stages of each expert as fit in MS per image (batch 1 latencies from the "
+                             "manifest, or measured here with --calibrate)")
+    budget.add_argument("--stages", type=int, metavar="K", help="run the first K stages of every expert")
+    anytime.add_argument("--early-exit", type=float, metavar="P",
+                         help="stop adding stages for an image once its top probability reaches P (off by default)")
+    anytime.add_argument("--calibrate", action="store_true",
+                         help="measure fragment latencies on this device before planning (instead of the manifest's)")
     i = sub.add_parser("info", help="pool, tasks, fragments and their checks, usable interpreters")
     i.add_argument("--bundle", required=True, help="fragment directory")
     i.add_argument("--json", action="store_true")
@@ -88,19 +98,35 @@ def _run(args: argparse.Namespace) -> int:
     pre = read_manifest(args.bundle).preprocessing
     batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]  # bad input fails first
     with native_info_muted():
-        runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads)
+        runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads,
+                               stages=args.stages, budget_ms=args.budget_ms, early_exit=args.early_exit,
+                               calibrate=args.calibrate)
     prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
     names = _input_names(args.inputs, [len(b) for b in batches])
+    stages_run = runtime.composer.stages_run if runtime.composer is not None else None
     if args.json:
         rows = prediction.to_json(args.top)
-        for row, name in zip(rows, names):
+        for i, (row, name) in enumerate(zip(rows, names)):
             row["input"] = name
+            if stages_run is not None and args.early_exit is not None:
+                row["stages_run"] = stages_run[i]
         print(json.dumps({"loaded": runtime.describe(), "predictions": rows}, indent=2))
         return 0
+    if runtime.plan is not None:
+        print(format_plan(runtime.plan) + (f"; early exit at p >= {args.early_exit:g}: {sum(stages_run)} stage "
+                                           f"runs over {len(stages_run)} image(s)" if args.early_exit else ""))
     top = prediction.top(args.top or 3)
     for name, label, best in zip(names, prediction.labels, top):
         print(f"{name}: {label}  (" + ", ".join(f"{n} {p:.3f}" for n, p in best) + ")")
     return 0
+
+
+def format_plan(plan: Any) -> str:
+    """One line saying which stages of which experts run, and why."""
+    ran = ", ".join(f"{t} {k}/{plan.available[t]}" for t, k in plan.stages.items())
+    budget = f" within budget {plan.budget_ms:g} ms" if plan.budget_ms is not None else ""
+    return (f"stages run: {ran} (predicted {plan.predicted_ms:.3f} ms of fragment time at batch 1{budget}; "
+            f"{plan.latency_source} latencies)")
 
 
 def bundle_info(bundle: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from typing import Any
 
 from .atomic_io import atomic_write_json, sha256_bytes, sha256_file
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # the newest this runtime reads
+SINGLE_STAGE_SCHEMA_VERSION = 1  # bundles without progressive experts are still written as version 1
+STAGED_SCHEMA_VERSION = 2  # adds per-fragment ``stage`` and ``latency`` (progressive experts)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("library", "expert")
 FORMATS = ("tflite", "onnx")
@@ -152,9 +154,15 @@ class Fragment:
     library_sha256: str | None = None  # experts: sha256 of the library fragment they were checked with
     scheme: dict[str, Any] = field(default_factory=dict)
     agreement: dict[str, Any] = field(default_factory=dict)
+    stage: int | None = None  # progressive experts: 1-based stage; its logits add to stages 1..stage-1
+    latency: float | None = None  # ms per call at batch 1, measured on the export machine (staged bundles)
 
     def __post_init__(self) -> None:
         check_choice("role", self.role, ROLES)
+        if self.stage is not None and (self.role != "expert" or int(self.stage) < 1):
+            raise ManifestError(f"fragment {self.id!r}: only expert fragments have a stage, and it is >= 1")
+        if self.latency is not None and not (math.isfinite(self.latency) and self.latency >= 0):
+            raise ManifestError(f"fragment {self.id!r}: latency must be a non-negative number of ms")
         check_choice("format", self.format, FORMATS)
         check_choice("precision", self.precision, PRECISIONS)
         check_name("fragment id", self.id, FRAGMENT_ID)
@@ -182,14 +190,18 @@ class Fragment:
                        outputs=tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
                        task=raw.get("task"), class_ids=tuple(int(c) for c in raw.get("class_ids", ())),
                        library_sha256=raw.get("library_sha256"), scheme=dict(raw.get("scheme", {})),
-                       agreement=dict(raw.get("agreement", {})))
+                       agreement=dict(raw.get("agreement", {})),
+                       stage=None if raw.get("stage") is None else int(raw["stage"]),
+                       latency=None if raw.get("latency") is None else float(raw["latency"]))
         except KeyError as exc:
             raise ManifestError(f"fragment {raw.get('id', '?')!r} lacks field {exc.args[0]!r}") from None
 
 
-def fragment_id(role: str, task: str | None, fmt: str, precision: str) -> str:
-    """Stable id, e.g. ``library.tflite.int8`` or ``expert.tops.onnx.fp32``."""
-    return f"library.{fmt}.{precision}" if role == "library" else f"expert.{task}.{fmt}.{precision}"
+def fragment_id(role: str, task: str | None, fmt: str, precision: str, stage: int | None = None) -> str:
+    """Stable id, e.g. ``library.tflite.int8``, ``expert.tops.onnx.fp32`` or ``expert.tops.stage2.tflite.int8``."""
+    if role == "library":
+        return f"library.{fmt}.{precision}"
+    return f"expert.{task}.{fmt}.{precision}" if stage is None else f"expert.{task}.stage{stage}.{fmt}.{precision}"
 
 
 @dataclass(frozen=True)
@@ -204,16 +216,20 @@ class Manifest:
     seam: dict[str, Any] = field(default_factory=dict)
     composites: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
-    schema_version: int = MANIFEST_SCHEMA_VERSION
+    schema_version: int = SINGLE_STAGE_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.schema_version > MANIFEST_SCHEMA_VERSION:
             raise ManifestError(f"manifest schema_version {self.schema_version} is newer than this runtime reads "
                                 f"({MANIFEST_SCHEMA_VERSION}); upgrade the edge runtime "
                                 f"(pip install -U 'pool-of-experts-edge[edge]') or re-export for this version")
-        if self.schema_version != MANIFEST_SCHEMA_VERSION:
+        if self.schema_version not in (SINGLE_STAGE_SCHEMA_VERSION, STAGED_SCHEMA_VERSION):
             raise ManifestError(f"manifest schema_version {self.schema_version} is not supported "
-                                f"(this runtime reads {MANIFEST_SCHEMA_VERSION})")
+                                f"(this runtime reads {SINGLE_STAGE_SCHEMA_VERSION} and {STAGED_SCHEMA_VERSION})")
+        staged = [f.id for f in self.fragments if f.stage is not None or f.latency is not None]
+        if staged and self.schema_version < STAGED_SCHEMA_VERSION:
+            raise ManifestError(f"fragment {staged[0]!r} has a stage or latency, which needs manifest "
+                                f"schema_version {STAGED_SCHEMA_VERSION}, not {self.schema_version}")
         ids = [f.id for f in self.fragments]
         if len(set(ids)) != len(ids):
             raise ManifestError("manifest lists a fragment id twice")
@@ -232,10 +248,18 @@ class Manifest:
             if lib is None or lib.sha256 != frag.library_sha256:
                 raise ManifestError(f"expert fragment {frag.id!r} was not built for this manifest's "
                                     f"{frag.format} {frag.precision} library")
+        for fmt, precision in libraries:
+            for task in self.tasks:
+                stages = sorted(f.stage or 0 for f in self.fragments
+                                if f.role == "expert" and f.task == task and (f.format, f.precision) == (fmt, precision))
+                if stages and stages != [0] and stages != list(range(1, len(stages) + 1)):
+                    raise ManifestError(f"expert {task!r} ({fmt} {precision}) has stages {stages}: expected one "
+                                        "unstaged fragment or stages 1..S without gaps")
 
     # ------------------------------------------------------------------ lookup
-    def fragment(self, role: str, fmt: str, precision: str, task: str | None = None) -> Fragment:
-        wanted = fragment_id(role, task, fmt, precision)
+    def fragment(self, role: str, fmt: str, precision: str, task: str | None = None,
+                 stage: int | None = None) -> Fragment:
+        wanted = fragment_id(role, task, fmt, precision, stage)
         for frag in self.fragments:
             if frag.id == wanted:
                 return frag
@@ -243,6 +267,17 @@ class Manifest:
             raise ManifestError(f"unknown task {task!r}; valid: {', '.join(sorted(self.tasks))}")
         have = sorted({f"{f.format}/{f.precision}" for f in self.fragments})
         raise ManifestError(f"no fragment {wanted!r} in this manifest; formats/precisions present: {', '.join(have)}")
+
+    def expert_stages(self, task: str, fmt: str, precision: str) -> tuple[Fragment, ...]:
+        """An expert's fragments in order: its stages 1..S, or its one unstaged fragment."""
+        frags = sorted((f for f in self.fragments if f.role == "expert" and f.task == task
+                        and f.format == fmt and f.precision == precision), key=lambda f: f.stage or 0)
+        return tuple(frags) if frags else (self.fragment("expert", fmt, precision, task),)
+
+    @property
+    def staged(self) -> bool:
+        """True when some expert is progressive (stage fragments)."""
+        return any(f.stage is not None for f in self.fragments)
 
     def variants(self) -> list[tuple[str, str]]:
         """(format, precision) pairs that have a library fragment."""
@@ -252,6 +287,10 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["tasks"] = {t: list(ids) for t, ids in sorted(self.tasks.items())}
+        for frag in out["fragments"]:  # a single-stage manifest stays byte-for-byte what version 1 wrote
+            for key in ("stage", "latency"):
+                if frag[key] is None:
+                    del frag[key]
         return out
 
     @classmethod

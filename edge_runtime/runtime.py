@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .anytime import AnytimeComposer, StagePlan, open_anytime
 from .backends import Backend, resolve_backend
 from .encoding import InputEncoder
 from .images import ImageInput, load_inputs
@@ -80,6 +81,8 @@ class Runtime:
         # Dequantize all experts' outputs in one step: per-column zero point and scale, in output order.
         outputs = [(e.output, len(f.class_ids)) for e, f in zip(self.experts, selection.experts)]
         self._quantized_out = all(o.quantized for o, _ in outputs)
+        self.plan: StagePlan | None = None  # progressive experts: how many stages of each run (anytime.py)
+        self.composer: AnytimeComposer | None = None
         if self._quantized_out:
             self._zero_point = np.concatenate([np.full(n, o.zero_point, np.float32) for o, n in outputs])[self._order]
             self._scale = np.concatenate([np.full(n, o.scale, np.float32) for o, n in outputs])[self._order]
@@ -87,10 +90,18 @@ class Runtime:
     @classmethod
     def open(cls, bundle_dir: str | Path, tasks: str | Sequence[str], backend: str = "auto",
              precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
-             max_batch: int = DEFAULT_MAX_BATCH) -> "Runtime":
-        """Verify and load the library and the experts of ``tasks`` from a fragment bundle."""
+             max_batch: int = DEFAULT_MAX_BATCH, stages: int | None = None, budget_ms: float | None = None,
+             early_exit: float | None = None, calibrate: bool = False) -> "Runtime":
+        """Verify and load the library and the experts of ``tasks`` from a fragment bundle.
+
+        Progressive bundles (experts as stages) run every stage unless ``stages`` (a count) or
+        ``budget_ms`` (fragment latency at batch 1, from the manifest or, with ``calibrate``,
+        measured here) says fewer; ``early_exit`` stops refining samples whose softmax reaches it.
+        """
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if budget_ms is not None and stages is not None:
+            raise ValueError("give a latency budget (budget_ms) or a stage count (stages), not both")
         root = Path(bundle_dir)
         manifest = read_manifest(root)
         every_format = sorted({fmt for fmt, _ in manifest.variants()})
@@ -98,6 +109,9 @@ class Runtime:
         chosen = resolve_backend(backend, (with_precision or every_format) if backend == "auto" else every_format)
         selection = select(manifest, tasks, chosen.format, precision)
         runners = [open_runner(root, frag, num_threads, chosen.name, providers) for frag in selection.fragments]
+        if manifest.staged or stages is not None or budget_ms is not None or early_exit is not None or calibrate:
+            return open_anytime(cls, root, manifest, selection, chosen, runners, max_batch, stages, budget_ms,
+                                early_exit, calibrate)
         return cls(root, manifest, selection, chosen, runners, max_batch)
 
     @property
@@ -121,6 +135,8 @@ class Runtime:
         if len(encoded) > self.max_batch:
             return np.concatenate([self.logits_from_encoded(encoded[i:i + self.max_batch], timings)
                                    for i in range(0, len(encoded), self.max_batch)])
+        if self.composer is not None:
+            return self.composer(encoded, timings)
         lib = self.library
         start = time.perf_counter()
         raw = lib.run_raw(encoded)
@@ -158,7 +174,9 @@ class Runtime:
         return {"pool_id": self.manifest.pool_id, "backend": self.backend.name, "format": self.selection.format,
                 "precision": self.selection.precision, "tasks": list(self.tasks), "classes": list(self.classes),
                 "fragments": {f.id: f.bytes for f in self.selection.fragments}, "bytes": self.selection.bytes,
-                "int8_passthrough": dict(zip(self.tasks, self._passthrough))}
+                "int8_passthrough": dict(zip(self.tasks, self._passthrough)),
+                **({} if self.plan is None else {"plan": self.plan.to_json(),
+                                                 "early_exit": self.composer.early_exit if self.composer else None})}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

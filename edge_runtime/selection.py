@@ -20,7 +20,8 @@ class Selection:
     format: str
     precision: str
     library: Fragment
-    experts: tuple[Fragment, ...]
+    experts: tuple[Fragment, ...]  # per task its first fragment (the expert, or stage 1 of a progressive one)
+    stages: tuple[tuple[Fragment, ...], ...] = ()  # per task all its fragments in stage order (progressive)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -28,7 +29,8 @@ class Selection:
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
-        return (self.library, *self.experts)
+        """Everything the query may run: the library and every stage of every expert."""
+        return (self.library, *(f for stages in (self.stages or tuple((e,) for e in self.experts)) for f in stages))
 
     @property
     def class_ids(self) -> tuple[int, ...]:
@@ -62,10 +64,11 @@ def select(manifest: Manifest, tasks: str | Sequence[str], fmt: str, precision: 
         raise ManifestError(f"the bundle has no {fmt} {precision} fragments; {fmt} precisions present: "
                             f"{', '.join(present) or 'none'}")
     library = manifest.fragment("library", fmt, precision)
-    experts = tuple(manifest.fragment("expert", fmt, precision, t) for t in names)
-    for expert in experts:
+    stages = tuple(manifest.expert_stages(t, fmt, precision) for t in names)
+    experts = tuple(s[0] for s in stages)
+    for expert in (f for s in stages for f in s):
         if expert.library_sha256 != library.sha256:
             raise ManifestError(f"expert {expert.id!r} was built for another library "
                                 f"({str(expert.library_sha256)[:12]}, bundle has {library.sha256[:12]}): "
                                 f"fragments from two different pools or exports cannot be mixed")
-    return Selection(fmt, precision, library, experts)
+    return Selection(fmt, precision, library, experts, stages)

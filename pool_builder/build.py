@@ -73,6 +73,8 @@ class BuildConfig:
     threads: int | None = None
     ensemble: EnsembleConfig | None = None  # K teachers fused into the oracle (replaces oracle_arch / oracle_file)
     library_workers: int = 1  # > 1: the library's KD runs as torch DDP over that many ranks (ddp.py)
+    expert_stages: int = 1  # > 1: progressive experts, S stages whose logits add up (progressive.py)
+    stage_width: float | None = None  # width factor of each stage (default: expert_width)
 
     def __post_init__(self) -> None:
         if isinstance(self.ensemble, dict):  # as read back from pool.json's build settings
@@ -89,6 +91,13 @@ class BuildConfig:
             raise PoolBuilderError(f"alpha must be >= 0, got {self.alpha}")
         if not 0 < self.expert_width <= 1:
             raise PoolBuilderError(f"expert width must be in (0, 1], got {self.expert_width}")
+        if self.expert_stages < 1:
+            raise PoolBuilderError(f"expert stages must be >= 1 (1 = one expert head, as in the paper), "
+                                   f"got {self.expert_stages}")
+        if self.stage_width is None:
+            object.__setattr__(self, "stage_width", self.expert_width)
+        if not 0 < self.stage_width <= 1:
+            raise PoolBuilderError(f"stage width must be in (0, 1], got {self.stage_width}")
         for name in ("oracle_epochs", "library_epochs", "expert_epochs"):
             if getattr(self, name) < 1:
                 raise PoolBuilderError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -445,8 +454,13 @@ class PoolBuild:
         fingerprint = self.derived_fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids,
                                                 cfg.expert_width, cfg.expert_epochs, cfg.temperature, cfg.alpha,
                                                 cfg.expert_lr, cfg.batch_size, cfg.seed, cfg.online, cfg.cache_dtype)
-        return ExpertJob(task, tuple(class_ids), fingerprint, 100 + zlib.crc32(task.encode()) % 100000,
-                         library.cfg, cfg)
+        job = ExpertJob(task, tuple(class_ids), fingerprint, 100 + zlib.crc32(task.encode()) % 100000,
+                        library.cfg, cfg)
+        if cfg.expert_stages > 1:
+            from .progressive import with_stages
+
+            job = with_stages(job)
+        return job
 
     def _experts(self, jobs: Sequence[ExpertJob], data: Dataset, normalizer: Normalizer, oracle: torch.nn.Module,
                  library: Library, train_logits: np.ndarray | None, features: np.ndarray | None,
@@ -459,6 +473,13 @@ class PoolBuild:
             feat_src, logit_src = cached_source(features), cached_source(train_logits)
         records = {}
         for job in jobs:
+            if self.cfg.expert_stages > 1:
+                from .progressive import build_progressive_expert_stages
+
+                records[job.task] = build_progressive_expert_stages(self, job, len(data.train), feat_src, logit_src,
+                                                                    test)
+                continue
+
             def run(job: ExpertJob = job) -> StageRecord:
                 head, record = train_expert(job, len(data.train), feat_src, logit_src, test, self.show_progress,
                                             self._checkpoint(job.stage, job.fingerprint))
@@ -484,6 +505,8 @@ class PoolBuild:
             del settings["ensemble"]  # single-oracle pool.json stays as it was
         if self.cfg.library_workers == 1:
             del settings["library_workers"]  # so does a one-process library's
+        if self.cfg.expert_stages == 1:
+            del settings["expert_stages"], settings["stage_width"]  # and a one-stage expert's
         return PoolMetadata(
             pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

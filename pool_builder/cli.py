@@ -45,6 +45,10 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}", type=int)
     for name in ("expert-width", "alpha", "temperature", "lr", "expert-lr"):
         p.add_argument(f"--{name}", type=float)
+    p.add_argument("--expert-stages", type=int,
+                   help="progressive experts: S stages whose logits add up, distilled one after another "
+                        "(default 1: one head per expert, as in the paper)")
+    p.add_argument("--stage-width", type=float, help="width factor of each progressive stage (default: --expert-width)")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], help="dtype of cached library features")
     p.add_argument("--online", action="store_true", default=None,
                    help="recompute oracle logits and library features every batch (the authors' loop) instead of caching")
@@ -78,6 +82,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-limit", type=int, help="evaluate on at most this many test images (default: as built)")
     p.add_argument("--save", help="write the composed model as TorchScript (one query only)")
     p.add_argument("--no-eval", action="store_true", help="only compose (and --save); no test data needed")
+    p.add_argument("--stages", type=int, help="progressive experts: use only their first K stages (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -157,7 +162,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
-        "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers")}}
+        "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers", "expert_stages", "stage_width")}}
     cfg = config_for(args.profile, out=args.out, **overrides)
     if args.backend == "ray":
         from .ray_backend import ray_options, build_pool_on_ray
@@ -198,12 +203,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.save and len(queries) != 1:
         raise PoolBuilderError(f"--save writes one composed model: give one --tasks, not {len(queries)}")
     if args.save:
-        saved = save_composed(consolidate(pool, queries[0]), pool, args.save)
+        saved = save_composed(consolidate(pool, queries[0], args.stages), pool, args.save)
         print(f"composed model for {','.join(queries[0])} saved to {saved} (+ {saved.name}.json)", file=sys.stderr)
     if args.no_eval:
         return 0
     evaluator = Evaluator(pool, held_out_split(pool, args.data_dir, args.test_limit))
-    reports = [evaluator.query(q) for q in queries]
+    reports = [evaluator.query(q, stages=args.stages) for q in queries]
     if args.json:
         print(json.dumps({"pool_id": pool.meta.pool_id, "queries": [r.to_json() for r in reports]}, indent=2))
         return 0

@@ -12,6 +12,8 @@ from torch import nn
 
 from edge_runtime.atomic_io import atomic_write_json, commit_sibling, temporary_sibling
 
+from .errors import PoolBuilderError
+from .models import ProgressiveExpert
 from .pool import Pool
 
 
@@ -48,11 +50,23 @@ class Consolidation:
     consolidation_ms: float
 
 
-def consolidate(pool: Pool, tasks: str | Sequence[str]) -> Consolidation:
-    """Compose library + experts for a query; weights already in memory are reused."""
+def first_stages(expert: nn.Module, stages: int | None) -> nn.Module:
+    """A progressive expert summing only its first ``stages`` stages (all it has, if fewer); others as they are."""
+    if stages is None or not isinstance(expert, ProgressiveExpert):
+        return expert
+    if stages < 1:
+        raise PoolBuilderError(f"stage count must be >= 1, got {stages}")
+    return expert.partial(min(stages, expert.num_stages))
+
+
+def consolidate(pool: Pool, tasks: str | Sequence[str], stages: int | None = None) -> Consolidation:
+    """Compose library + experts for a query; weights already in memory are reused.
+
+    ``stages``: progressive experts run only their first ``stages`` stages (default: all).
+    """
     names = pool.hierarchy.resolve_query(tasks)
     start = time.perf_counter()
-    model = ComposedModel(pool.library(), {t: pool.expert(t) for t in names},
+    model = ComposedModel(pool.library(), {t: first_stages(pool.expert(t), stages) for t in names},
                           {t: pool.hierarchy.class_ids(t) for t in names}).eval()
     elapsed = (time.perf_counter() - start) * 1000.0
     return Consolidation(model, names, model.class_ids, elapsed)

@@ -115,7 +115,7 @@ class Evaluator:
         else:
             self.oracle_logits = predict_logits(oracle, test.images, pool.normalizer, batch_size)
 
-    def query(self, tasks: str | Sequence[str], repeats: int = 5) -> QueryReport:
+    def query(self, tasks: str | Sequence[str], repeats: int = 5, stages: int | None = None) -> QueryReport:
         hierarchy = self.pool.hierarchy
         names = hierarchy.resolve_query(tasks)
         start = time.perf_counter()
@@ -125,7 +125,7 @@ class Evaluator:
         load_ms = (time.perf_counter() - start) * 1000.0
         timings = []
         for _ in range(max(1, repeats)):
-            result = consolidate(self.pool, names)
+            result = consolidate(self.pool, names, stages)
             timings.append(result.consolidation_ms)
         union = result.class_ids
         mask = np.isin(self.test.labels, union)

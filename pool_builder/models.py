@@ -132,10 +132,65 @@ def build_expert_head(student: WRNConfig, width_factor: float, num_outputs: int)
         raise PoolBuilderError(f"expert width factor must be in (0, 1], got {width_factor}")
     if num_outputs < 1:
         raise PoolBuilderError("an expert needs at least one class")
-    width = max(1, round(student.widths[2] * width_factor))
+    width = expert_stage_width(student, width_factor)
     head = Head(student.widths[1], width, student.blocks_per_group, num_outputs)
     init_weights(head)
     return head
+
+
+class ProgressiveExpert(nn.Module):
+    """An expert as S small heads on the library's features whose logits add up (B-DISTIL, residual fitting).
+
+    Stage ``s`` was distilled with stages ``1..s-1`` frozen, against the CKD target
+    on the running sum, so the first ``k`` stages alone are a usable expert: a
+    device trades accuracy for latency by running fewer of them.
+    """
+
+    def __init__(self, stages: list[Head]) -> None:
+        super().__init__()
+        if not stages:
+            raise PoolBuilderError("a progressive expert needs at least one stage")
+        self.stages = nn.ModuleList(stages)
+        self.active = len(stages)  # how many stages forward() sums; see partial()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def partial_sums(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Logits after 1, 2, ..., S stages."""
+        out, total = [], None
+        for stage in self.stages:
+            logits = stage(features)
+            total = logits if total is None else total + logits
+            out.append(total)
+        return out
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        total = self.stages[0](features)
+        for stage in list(self.stages)[1:self.active]:
+            total = total + stage(features)
+        return total
+
+    def partial(self, k: int) -> "ProgressiveExpert":
+        """The same weights summing only the first ``k`` stages (a shallow copy; the weights are shared)."""
+        if not 1 <= k <= self.num_stages:
+            raise PoolBuilderError(f"stage count must be in 1..{self.num_stages}, got {k}")
+        view = ProgressiveExpert(list(self.stages))
+        view.active = k
+        return view.train(self.training)
+
+
+def expert_stage_width(student: WRNConfig, width_factor: float) -> int:
+    """Channels of an expert (or of one stage of a progressive expert) at ``width_factor``."""
+    return max(1, round(student.widths[2] * width_factor))
+
+
+def build_progressive_expert(student: WRNConfig, stage_width: float, stages: int, num_outputs: int) -> ProgressiveExpert:
+    """``stages`` expert heads of ``stage_width`` each (same shape as :func:`build_expert_head`)."""
+    if stages < 1:
+        raise PoolBuilderError(f"expert stages must be >= 1, got {stages}")
+    return ProgressiveExpert([build_expert_head(student, stage_width, num_outputs) for _ in range(stages)])
 
 
 def init_weights(module: nn.Module) -> None:

@@ -433,6 +433,9 @@ class RayPoolBuild(PoolBuild):
     def _experts(self, jobs: Sequence[ExpertJob], data: Dataset, normalizer: Normalizer, oracle: torch.nn.Module,
                  library: Library, train_logits: np.ndarray | None, features: np.ndarray | None,
                  test: ExpertTestSet) -> dict[str, StageRecord]:
+        if self.cfg.expert_stages > 1:  # stages of one expert depend on each other: they train here, in order
+            self.log("[experts] progressive experts train in the driver process, stage after stage")
+            return super()._experts(jobs, data, normalizer, oracle, library, train_logits, features, test)
         records: dict[str, StageRecord] = {}
         todo = []
         for job in jobs:

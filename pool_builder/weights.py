@@ -12,9 +12,9 @@ from torch import nn
 from edge_runtime.atomic_io import atomic_write_bytes, sha256_bytes
 
 from .errors import PoolBuilderError, PoolFormatError, unknown_name
-from .models import Library, WRNConfig, build_expert_head, create_model, list_models
+from .models import Library, WRNConfig, build_expert_head, build_progressive_expert, create_model, list_models
 
-ARCHITECTURE_KINDS = ("registry", "torchscript", "wrn_library", "wrn_expert")
+ARCHITECTURE_KINDS = ("registry", "torchscript", "wrn_library", "wrn_expert", "wrn_progressive_expert")
 
 
 def state_dict_bytes(module: nn.Module) -> bytes:
@@ -63,6 +63,9 @@ def build_module(arch: dict[str, Any]) -> nn.Module:
         return Library(WRNConfig(**arch["student"]))
     if kind == "wrn_expert":
         return build_expert_head(WRNConfig(**arch["student"]), arch["width_factor"], arch["num_outputs"])
+    if kind == "wrn_progressive_expert":
+        return build_progressive_expert(WRNConfig(**arch["student"]), arch["stage_width"], arch["stages"],
+                                        arch["num_outputs"])
     raise unknown_name("architecture kind", kind, list(ARCHITECTURE_KINDS))
 
 

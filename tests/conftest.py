@@ -122,3 +122,33 @@ def serving_in_thread(server):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Progressive experts (issue 9): the tiny pool's oracle, caches and library, experts as 2 stages each
+# (each stage is one more onnx2tf conversion per expert in the export fixture: 2 keeps it short).
+PROGRESSIVE_BUILD = dict(TINY_BUILD, expert_stages=2, stage_width=0.125)
+TINY_LIBRARY = TRAINED_ORACLE + ("cache/oracle_logits.npy", "cache/oracle_logits.json", "library.pt",
+                                 "stages/library.json", "cache/library_features.npy", "cache/library_features.json")
+
+
+@pytest.fixture(scope="session")
+def progressive_pool_dir(tiny_pool_dir, tmp_path_factory) -> Path:
+    """The tiny pool with progressive experts (2 stages of width 0.125); only the experts are trained."""
+    from pool_builder.build import build_pool, config_for
+
+    out = with_stages_of(tiny_pool_dir, tmp_path_factory.mktemp("progressive") / "pool", TINY_LIBRARY)
+    build_pool(config_for("quick", out=str(out), data_dir=str(FMNIST_DIR), **PROGRESSIVE_BUILD),
+               log=lambda m: print(m, file=sys.stderr), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def progressive_fragments(progressive_pool_dir, tmp_path_factory):
+    """The progressive pool exported to TFLite and ONNX, fp32 and int8 (stage fragments, latencies measured)."""
+    from converters.export import ExportConfig, export_fragments
+
+    out = tmp_path_factory.mktemp("progressive_frag") / "fragments"
+    result = export_fragments(ExportConfig(pool=str(progressive_pool_dir), out=str(out), precisions=("fp32", "int8"),
+                                           max_accuracy_drop=TINY_GATE, check_tflite_runtime=False),
+                              log=lambda m: print(m, file=sys.stderr))
+    return out, result

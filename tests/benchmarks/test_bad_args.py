@@ -10,9 +10,10 @@ from ..conftest import ROOT, run_cli_env
 CASES = [
     (["benchmarks/query_vs_training.py", "--baselines", "scratch,transfer"], "valid baselines: scratch, kd, ckd"),
     (["benchmarks/run_all.py", "--sections", "edge,latency"],
-     "valid sections: query_vs_training, build_throughput, scale_ablation, edge"),
+     "valid sections: query_vs_training, build_throughput, scale_ablation, edge, progressive"),
     (["benchmarks/scale_ablation.py", "--alphas", "0,x"], "--alphas must be comma-separated numbers"),
     (["benchmarks/build_throughput.py", "--pool", "/nonexistent/pool"], "no pool at /nonexistent/pool"),
+    (["benchmarks/progressive.py", "--stages", "1"], "a progressive expert needs at least 2 stages"),
 ]
 
 

@@ -84,8 +84,8 @@ def test_validation_messages(tmp_path):
         _manifest(fragments=(lib, expert))
     with pytest.raises(ManifestError, match="has no valid scale"):
         TensorSpec("x", (-1, 4), "int8", "NC")
-    with pytest.raises(ManifestError, match="schema_version 2 is newer than this runtime reads"):
-        Manifest.from_json({**_manifest().to_json(), "schema_version": 2})
+    with pytest.raises(ManifestError, match="schema_version 3 is newer than this runtime reads"):
+        Manifest.from_json({**_manifest().to_json(), "schema_version": 3})
     with pytest.raises(ManifestError, match="schema_version 0 is not supported"):
         Manifest.from_json({**_manifest().to_json(), "schema_version": 0})
     (tmp_path / "manifest.json").write_text("{")

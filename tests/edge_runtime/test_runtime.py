@@ -182,7 +182,7 @@ def _edit_manifest(bundle, edit):
 
 def test_damaged_or_foreign_bundles_are_refused(bundle_copy, tiny_fragments):
     def newer(raw):
-        raw["schema_version"] = 2
+        raw["schema_version"] = 3
 
     def escaping(raw):
         next(f for f in raw["fragments"] if f["id"] == "library.tflite.int8")["file"] = "../outside.tflite"
@@ -191,7 +191,7 @@ def test_damaged_or_foreign_bundles_are_refused(bundle_copy, tiny_fragments):
         expert = next(f for f in raw["fragments"] if f["id"] == "expert.tops.tflite.int8")
         expert["library_sha256"] = "0" * 64
 
-    for edit, message in [(newer, "schema_version 2 is newer .*upgrade"),
+    for edit, message in [(newer, "schema_version 3 is newer .*upgrade"),
                           (escaping, "unsafe fragment path '../outside.tflite'"),
                           (other_pool, "expert.tops.tflite.int8.*not built for this manifest's tflite int8 library")]:
         shutil.copy(tiny_fragments[0] / MANIFEST_NAME, bundle_copy / MANIFEST_NAME)

@@ -1,0 +1,188 @@
+"""Anytime inference: run only as many stages of each progressive expert as a latency budget allows.
+
+A progressive expert (B-DISTIL) is a sequence of small fragments whose logits
+add up; stopping after any stage gives a usable expert.  The planner turns
+per-fragment latencies (measured at batch 1 on the export machine and stored
+in the manifest, or measured here with ``calibrate``) into a stage count per
+expert: the library always, then stage 1 of every expert (a query needs all
+its classes), then further stages round-robin while the budget allows - so no
+expert's logits fall far behind the others' in refinement.
+
+Early exit is a measured option, not a default: with ``early_exit=P`` a sample
+stops receiving further stages once its composite softmax is at least ``P``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .backends import Backend
+from .manifest import Manifest, ManifestError
+from .runners import Runner, dequantize, pass_between
+from .selection import Selection
+
+CALIBRATION_WARMUP = 3
+CALIBRATION_ITERATIONS = 15
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How many stages of each expert run, and the latency the plan expects (fragments only, batch 1)."""
+
+    stages: dict[str, int]
+    available: dict[str, int]
+    predicted_ms: float
+    budget_ms: float | None = None
+    latency_source: str = "manifest"  # or "calibrated" (measured on this device)
+    latencies_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()
+                if k != "latencies_ms"} | {"latencies_ms": {k: round(v, 4) for k, v in self.latencies_ms.items()}}
+
+
+def plan_stages(library_ms: float, stage_ms: Mapping[str, Sequence[float]], budget_ms: float | None = None,
+                stages: int | None = None) -> tuple[dict[str, int], float]:
+    """Stage count per task and the predicted fragment time.
+
+    With ``stages=K`` every expert runs ``min(K, S)`` stages.  With ``budget_ms``
+    the library and stage 1 of every expert always run (even over budget: the
+    query needs every class), then stage 2 of each expert in task order, then
+    stage 3, ..., each only if it still fits; an expert whose next stage did not
+    fit gets no later ones.  With neither, every stage runs.
+    """
+    if budget_ms is not None and stages is not None:
+        raise ValueError("give a latency budget or a stage count, not both")
+    if budget_ms is not None and not budget_ms > 0:
+        raise ValueError(f"the latency budget must be a positive number of ms, got {budget_ms}")
+    if stages is not None and stages < 1:
+        raise ValueError(f"the stage count must be >= 1, got {stages}")
+    tasks = sorted(stage_ms)
+    if budget_ms is None:
+        chosen = {t: min(stages or len(stage_ms[t]), len(stage_ms[t])) for t in tasks}
+    else:
+        chosen = {t: 1 for t in tasks}
+        total = library_ms + sum(stage_ms[t][0] for t in tasks)
+        growing = [t for t in tasks if len(stage_ms[t]) > 1]
+        level = 2
+        while growing:
+            for task in list(growing):
+                cost = stage_ms[task][level - 1]
+                if total + cost <= budget_ms:
+                    chosen[task] = level
+                    total += cost
+                    if level == len(stage_ms[task]):
+                        growing.remove(task)
+                else:
+                    growing.remove(task)
+            level += 1
+    predicted = library_ms + sum(sum(stage_ms[t][:chosen[t]]) for t in tasks)
+    return chosen, predicted
+
+
+def manifest_latencies(manifest: Manifest, selection: Selection) -> dict[str, float]:
+    """Per-fragment ms from the manifest; a clear error names the first fragment that has none."""
+    out = {}
+    for frag in selection.fragments:
+        if frag.latency is None:
+            raise ManifestError(f"fragment {frag.id!r} has no measured latency in the manifest (only progressive "
+                                "bundles carry them); pass --calibrate to measure latencies on this device, or "
+                                "use --stages K")
+        out[frag.id] = float(frag.latency)
+    return out
+
+
+def measure_latencies(runners: Sequence[Runner], library: Runner, encoded: np.ndarray,
+                      warmup: int = CALIBRATION_WARMUP, iterations: int = CALIBRATION_ITERATIONS) -> dict[str, float]:
+    """Median ms per call of every runner at batch 1, fed what it gets at run time (the library's output)."""
+    x = encoded[:1]
+    features = library.run_raw(x)
+    out = {}
+    for runner in [library, *runners]:
+        fed = x if runner is library else pass_between(features, library.output, runner.input)
+        times = []
+        for i in range(warmup + iterations):
+            start = time.perf_counter()
+            runner.run_raw(fed)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+        out[runner.fragment.id] = float(np.median(times))
+    return out
+
+
+class AnytimeComposer:
+    """Sums the planned stages of every expert; optionally stops refining confident samples early."""
+
+    def __init__(self, library: Runner, stage_runners: Sequence[Sequence[Runner]], plan: Sequence[int],
+                 order: np.ndarray, early_exit: float | None = None) -> None:
+        if early_exit is not None and not 0 < early_exit <= 1:
+            raise ValueError(f"early exit threshold must be a probability in (0, 1], got {early_exit}")
+        self.library = library
+        self.stage_runners = [list(r) for r in stage_runners]
+        self.plan = list(plan)
+        self.order = order
+        self.early_exit = early_exit
+        self._passthrough = [[r.input.same_encoding(library.output) for r in runners] for runners in stage_runners]
+        self.stages_run: list[int] = []  # per sample of the last call: stages run in all (for reports)
+
+    def _stage(self, task: int, stage: int, raw: np.ndarray, timings: dict[str, float] | None) -> np.ndarray:
+        runner = self.stage_runners[task][stage]
+        fed = raw if self._passthrough[task][stage] else pass_between(raw, self.library.output, runner.input)
+        start = time.perf_counter()
+        out = runner.run_raw(fed)
+        if timings is not None:
+            timings[runner.fragment.id] = timings.get(runner.fragment.id, 0.0) + time.perf_counter() - start
+        return dequantize(out, runner.output)
+
+    def __call__(self, encoded: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        start = time.perf_counter()
+        raw = self.library.run_raw(encoded)
+        if timings is not None:
+            timings[self.library.fragment.id] = timings.get(self.library.fragment.id, 0.0) + time.perf_counter() - start
+        parts = [self._stage(t, 0, raw, timings) for t in range(len(self.plan))]
+        run = np.full(len(encoded), len(self.plan), dtype=np.int64)
+        active = np.arange(len(encoded))
+        for level in range(1, max(self.plan)):
+            if self.early_exit is not None:
+                logits = np.concatenate(parts, axis=1)[active]
+                e = np.exp(logits - logits.max(axis=1, keepdims=True))
+                confident = (e / e.sum(axis=1, keepdims=True)).max(axis=1) >= self.early_exit
+                active = active[~confident]
+                if not len(active):
+                    break
+            for task, planned in enumerate(self.plan):
+                if level < planned:
+                    parts[task][active] += self._stage(task, level, raw[active], timings)
+                    run[active] += 1
+        self.stages_run = run.tolist()
+        return np.concatenate(parts, axis=1)[:, self.order]
+
+
+def open_anytime(runtime_cls: type, root: Path, manifest: Manifest, selection: Selection, backend: Backend,
+                 runners: Sequence[Runner], max_batch: int, stages: int | None, budget_ms: float | None,
+                 early_exit: float | None, calibrate: bool) -> Any:
+    """A :class:`~edge_runtime.runtime.Runtime` whose composition runs the planned stages only."""
+    library = runners[0]
+    by_id = {r.fragment.id: r for r in runners}
+    stage_runners = [[by_id[f.id] for f in frags] for frags in selection.stages]
+    runtime = runtime_cls(root, manifest, selection, backend, [library, *(r[0] for r in stage_runners)], max_batch)
+    if calibrate:
+        encoded = np.zeros((1, *library.input.shape[1:]), dtype=library.input.dtype)
+        latencies, source = measure_latencies([r for rs in stage_runners for r in rs], library, encoded), "calibrated"
+    elif budget_ms is not None:
+        latencies, source = manifest_latencies(manifest, selection), "manifest"
+    else:
+        latencies = {f.id: f.latency for f in selection.fragments if f.latency is not None}
+        source = "manifest"
+    stage_ms = {t: [latencies.get(f.id, 0.0) for f in frags] for t, frags in zip(selection.tasks, selection.stages)}
+    chosen, predicted = plan_stages(latencies.get(library.fragment.id, 0.0), stage_ms, budget_ms, stages)
+    runtime.plan = StagePlan(chosen, {t: len(f) for t, f in zip(selection.tasks, selection.stages)}, predicted,
+                             budget_ms, source, latencies)
+    runtime.composer = AnytimeComposer(library, stage_runners, [chosen[t] for t in selection.tasks],
+                                       runtime._order, early_exit)
+    return runtime
