@@ -368,6 +368,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "tflite_int8_composed_vs_oracle_fp32_speedup_min": float(min(speedups)),
             "int8_accuracy_loss_vs_restricted_oracle_points_max": float(max(
                 (a["restricted_oracle_torch"] - a["composed"]) * 100 for a in int8_acc)),
+            # The TFLite headline is judged on TFLite's own loss, not on the worst of every int8 backend.
+            "tflite_int8_accuracy_loss_vs_restricted_oracle_points_max": float(max(
+                (a["restricted_oracle_torch"] - a["composed"]) * 100 for a in int8_acc if a["format"] == "tflite")),
             "int8_top1_agreement_with_torch_min": float(min(a["composed_top1_agreement_with_torch"]
                                                             for a in int8_acc)),
             "fp32_max_abs_logit_error": float(max(a["composed_max_abs_logit_error"] for a in result["accuracy"]
@@ -380,7 +383,8 @@ def headlines(result: dict[str, Any]) -> list[Headline]:
     """The edge claims for the report's summary table."""
     h = headline(result)
     t = h["threads"]
-    speedup, loss = h["tflite_int8_composed_vs_oracle_fp32_speedup_min"], h["int8_accuracy_loss_vs_restricted_oracle_points_max"]
+    speedup = h["tflite_int8_composed_vs_oracle_fp32_speedup_min"]
+    loss = h["tflite_int8_accuracy_loss_vs_restricted_oracle_points_max"]
     return [
         Headline(f"TFLite int8 composed vs oracle fp32, {t} thread (worst query)",
                  f"{speedup:.2f}x faster, {loss:+.2f} pts vs restricted oracle",
@@ -422,7 +426,9 @@ def markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
              f"- TFLite int8 composed vs oracle fp32: {h['tflite_int8_composed_vs_oracle_fp32_speedup_min']:.2f}x faster "
              f"(worst query; target >= {TARGETS['int8_composed_vs_oracle_fp32_speedup_min']:g}x).",
              f"- int8 accuracy loss vs the restricted oracle: at most "
-             f"{h['int8_accuracy_loss_vs_restricted_oracle_points_max']:.2f} points; int8 top-1 agreement with the torch "
+             f"{h['int8_accuracy_loss_vs_restricted_oracle_points_max']:.2f} points (TFLite int8: "
+             f"{h['tflite_int8_accuracy_loss_vs_restricted_oracle_points_max']:.2f}; this includes the fp32 composed "
+             f"model's own distillation gap, in the accuracy table below); int8 top-1 agreement with the torch "
              f"composed model: >= {h['int8_top1_agreement_with_torch_min'] * 100:.2f}%; fp32 max |logit error| "
              f"{h['fp32_max_abs_logit_error']:.1e}.",
              f"- TFLite int8 composed at batch 1 reaches {h['fraction_of_gemm_peak_tflite_int8'] * 100:.1f}% of this "
