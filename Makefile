@@ -32,7 +32,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,bench]"
 	touch $@
 
-# The query service (`pool-builder serve`: FastAPI, uvicorn) and manifest signing (cryptography); its tests run in `make test`.
+# The query service (`poe-service serve`: FastAPI, uvicorn) and manifest signing (cryptography); its tests run in `make test`.
 $(VENV)/.installed-serve: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[builder,convert,dev,serve]"
 	touch $@
@@ -57,8 +57,8 @@ bench: venv $(VENV)/.installed-bench dataset
 test: venv $(VENV)/.installed-ray $(VENV)/.installed-serve dataset
 	$(BIN)/python -m pytest -q tests
 
-# The edge runtime on emulated Raspberry Pi 4 / 5 CPUs (aarch64, qemu user mode) against x86: see README,
-# "Devices".  The arm64 sysroot and wheels are cached in .cache/arm64; no chroot, no binfmt.
+# The edge runtime on emulated Raspberry Pi 4 / 5 CPUs (aarch64, qemu user mode) against x86: see docs/devices.md
+# (section "Raspberry Pi").  The arm64 sysroot and wheels are cached in .cache/arm64; no chroot, no binfmt.
 arm-tools:
 	@if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then \
 	  echo "installing Debian packages qemu-user-static mmdebstrap"; \

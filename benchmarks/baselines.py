@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pool_builder.consolidate import ComposedModel
-from pool_builder.data import Normalizer
-from pool_builder.evaluate import predict_logits
-from pool_builder.models import Library, WRNConfig, build_expert_head, init_weights
-from pool_builder.training import (TrainConfig, batches_per_epoch, cached_source, distill_student, extract_expert,
+from pool_builder.pool.consolidate import ComposedModel
+from pool_builder.data.datasets import Normalizer
+from pool_builder.pool.evaluate import predict_logits
+from pool_builder.models.wrn import Library, WRNConfig, build_expert_head, init_weights
+from pool_builder.distillation.training import (TrainConfig, batches_per_epoch, cached_source, distill_student, extract_expert,
                                    train_classifier)
 
 

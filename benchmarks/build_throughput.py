@@ -35,8 +35,8 @@ from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose
                                pyplot, ratio_text, SectionConfig, render_section, require_pool,
                                run_main, save_figure, section_parser, share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
-from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
+from pool_builder.pool.evaluate import Evaluator, held_out_split  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
 
 SECTION = "build_throughput"
 MODES = ("cached", "online")

@@ -247,8 +247,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from converters.calibration import calibration_images, evaluation_images, torch_outputs
-    from pool_builder.consolidate import consolidate
-    from pool_builder.pool import Pool
+    from pool_builder.pool.consolidate import consolidate
+    from pool_builder.pool.loader import Pool
 
     torch.set_num_threads(2)
     pool = Pool.open(args.pool)
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _held_out_uint8(pool) -> tuple[np.ndarray, np.ndarray]:
-    from pool_builder.evaluate import held_out_split
+    from pool_builder.pool.evaluate import held_out_split
 
     split = held_out_split(pool)
     return split.images, split.labels

@@ -39,12 +39,12 @@ import torch  # noqa: E402
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pool_builder.build import build_pool, config_for  # noqa: E402
-from pool_builder.data import Normalizer, load_dataset  # noqa: E402
-from pool_builder.ddp import LocalRanks, distill_library_parallel  # noqa: E402
-from pool_builder.models import create_model  # noqa: E402
-from pool_builder.training import TrainConfig, cached_source, distill_student  # noqa: E402
-from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
+from pool_builder.data.datasets import Normalizer, load_dataset  # noqa: E402
+from pool_builder.distillation.ddp import LocalRanks, distill_library_parallel  # noqa: E402
+from pool_builder.models.registry import create_model  # noqa: E402
+from pool_builder.distillation.training import TrainConfig, cached_source, distill_student  # noqa: E402
+from pool_builder.pool.evaluate import Evaluator, held_out_split  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
 from pool_builder.report import format_table, pct  # noqa: E402
 
 ORACLE = ("oracle.pt", "stages/oracle.json", "cache/oracle_logits.npy", "cache/oracle_logits.json")
@@ -68,7 +68,7 @@ def build(cfg_args: dict[str, Any], trained: Path, out: Path, workers: int, ray:
     cfg = config_for("quick", out=str(fresh(trained, out)), library_workers=workers, **cfg_args)
     started = time.perf_counter()
     if ray:
-        from pool_builder.ray_backend import RayOptions, build_pool_on_ray, import_ray
+        from pool_builder.build.ray_backend import RayOptions, build_pool_on_ray, import_ray
 
         import_ray().init(num_cpus=threads, include_dashboard=False, logging_level=logging.WARNING)
         try:

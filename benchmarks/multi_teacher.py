@@ -9,7 +9,7 @@ expert width, seeds and schedules:
 Every pool is scored on the same composite queries against the restricted
 references.  Writes ``multi_teacher.json`` and ``multi_teacher.md``.
 
-    python benchmarks/multi_teacher.py --out runs/bench/multi_teacher --threads 2   # defaults: the README's run
+    python benchmarks/multi_teacher.py --out runs/bench/multi_teacher --threads 2   # defaults: the run in docs/results/multi_teacher.md
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch  # noqa: E402
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pool_builder.build import BuildConfig, build_pool, config_for  # noqa: E402
-from pool_builder.data import Normalizer, load_dataset  # noqa: E402
-from pool_builder.ensemble import (EnsembleConfig, FusionConfig, TeacherSpec, list_fusions, resolve_fusion,  # noqa: E402
+from pool_builder.data.datasets import Normalizer, load_dataset  # noqa: E402
+from pool_builder.models.ensemble import (EnsembleConfig, FusionConfig, TeacherSpec, list_fusions, resolve_fusion,  # noqa: E402
                                    validation_indices)
-from pool_builder.evaluate import Evaluator, held_out_split, predict_members  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
+from pool_builder.pool.evaluate import Evaluator, held_out_split, predict_members  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
 from pool_builder.report import format_table, pct  # noqa: E402
 
 SHARED = ("teachers", "stages/teacher-*.json", "cache/teacher-*_logits.*")

@@ -70,7 +70,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def progressive_pool(src: Path, cfg: ProgressiveConfig, log: Callable[[str], None]) -> Path:
     """``src``'s oracle, library and caches with progressive experts (built here unless done earlier)."""
     from pool_builder.build import BuildConfig, build_pool
-    from pool_builder.pool import Pool
+    from pool_builder.pool.loader import Pool
 
     settings = dict(Pool.open(src).meta.build["settings"])
     out = Path(cfg.out) / SECTION / "pool"
@@ -126,8 +126,8 @@ def measure(runtime: Runtime, images: np.ndarray, labels: np.ndarray, rounds: in
 
 
 def run(cfg: ProgressiveConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    from pool_builder.evaluate import held_out_split
-    from pool_builder.pool import Pool
+    from pool_builder.pool.evaluate import held_out_split
+    from pool_builder.pool.loader import Pool
 
     src = Path(cfg.pool)
     base = Pool.open(src)

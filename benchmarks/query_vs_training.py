@@ -35,13 +35,14 @@ from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose
                                figure_links, machine, markdown_table, print_report, profile_settings,
                                pyplot, ratio_text, SectionConfig, render_section, require_pool,
                                run_main, save_figure, section_parser)
-from pool_builder.cache import open_cache, read_record  # noqa: E402
-from pool_builder.consolidate import consolidate  # noqa: E402
-from pool_builder.data import Dataset, load_dataset  # noqa: E402
-from pool_builder.evaluate import Evaluator, predict_logits  # noqa: E402
-from pool_builder.models import count_parameters  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
-from pool_builder.training import TrainConfig  # noqa: E402
+from pool_builder.stages.cache import open_cache, read_record  # noqa: E402
+from pool_builder.pool.consolidate import consolidate  # noqa: E402
+from pool_builder.data.datasets import Dataset, load_dataset  # noqa: E402
+from pool_builder.pool.evaluate import Evaluator, predict_logits  # noqa: E402
+from pool_builder.models.wrn import count_parameters  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
+from pool_builder.distillation.training import TrainConfig  # noqa: E402
+from pool_builder.stages.engine import seed_stage  # noqa: E402
 
 SECTION = "query_vs_training"
 TARGET_RATIO = 10_000.0
@@ -146,7 +147,7 @@ def run_query(index: int, query: str, pool: Pool, data: Dataset, oracle_train: n
     widths = {t: float(pool.meta.experts[t].architecture["width_factor"]) for t in tasks}
     baselines = {}
     for name in cfg.baselines:
-        torch.manual_seed(cfg.seed * 7919 + index)  # every baseline of a query starts from the same weights
+        seed_stage(cfg.seed, index)  # every baseline of a query starts from the same weights
         model = same_architecture(student, {t: hierarchy.class_ids(t) for t in tasks}, widths)
         curve = train_baseline(name, model, qdata, train_cfg, distill, cfg.evals_per_epoch)
         reach, before = curve.time_to_reach(report.poe_accuracy)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from edge_runtime.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pool_builder.build import build_pool, config_for  # noqa: E402
-from pool_builder.ray_backend import RayOptions, build_pool_on_ray, import_ray  # noqa: E402
+from pool_builder.build.ray_backend import RayOptions, build_pool_on_ray, import_ray  # noqa: E402
 from pool_builder.report import format_table  # noqa: E402
 
 TRAINED = ("oracle.pt", "library.pt", "stages/oracle.json", "stages/library.json")

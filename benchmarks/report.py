@@ -9,7 +9,7 @@ recorded in ``<out>/run.json`` when there is one.  Reads only files, so it can
 re-assemble an old run.
 
     python benchmarks/report.py --out runs/bench
-    python benchmarks/report.py --out runs/bench --publish docs/bench     # what the README links to
+    python benchmarks/report.py --out runs/bench --publish docs/bench     # what docs/results links to
 """
 
 from __future__ import annotations

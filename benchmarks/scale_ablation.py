@@ -27,8 +27,8 @@ from benchmarks.common import (BenchArgumentParser, BenchError, Headline, descri
                                profile_settings, pyplot, SectionConfig, render_section, require_pool,
                                run_main, save_figure, section_parser, share_files)
 from pool_builder.build import BuildConfig, build_pool  # noqa: E402
-from pool_builder.evaluate import Evaluator, held_out_split  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
+from pool_builder.pool.evaluate import Evaluator, held_out_split  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
 
 SECTION = "scale_ablation"
 SHARED = ("oracle.pt", "oracle.torchscript.pt", "library.pt", "stages/oracle.json", "stages/library.json",

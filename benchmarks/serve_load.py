@@ -1,6 +1,6 @@
 """Load on the query service: queries per second and p50/p99 latency of POST /v1/query, loopback only.
 
-Starts ``pool-builder serve`` on an ephemeral 127.0.0.1 port (a real process,
+Starts ``poe-service serve`` on an ephemeral 127.0.0.1 port (a real process,
 signed manifests), then N client threads with keep-alive connections post
 queries that cycle over every task subset and variant the pool offers.  Bounded
 twice: at most ``--requests`` per client count and ``--max-seconds`` each.
@@ -66,9 +66,9 @@ class _Server:
     def __init__(self, fragments: str, work: Path) -> None:
         key, port_file = work / "key", work / "port"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        subprocess.run([sys.executable, "-m", "pool_builder", "keygen", "--out", str(key)], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "poe_service", "keygen", "--out", str(key)], check=True, env=env,
                        capture_output=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "pool_builder", "serve", "--fragments", fragments,
+        self.proc = subprocess.Popen([sys.executable, "-m", "poe_service", "serve", "--fragments", fragments,
                                       "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                                       "--key", str(key), "--cache-dir", str(work / "cache")], env=env)
         deadline = time.monotonic() + 120
@@ -161,7 +161,7 @@ def headlines(result: dict[str, Any]) -> list[Headline]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["## Query service under load", "",
-             f"`POST /v1/query` on `pool-builder serve` (one uvicorn process, signed answers cached per query), "
+             f"`POST /v1/query` on `poe-service serve` (one uvicorn process, signed answers cached per query), "
              f"{result['distinct_queries']} distinct queries cycled; keep-alive client threads in the benchmark "
              "process, the server in its own, on the same machine over loopback.", "",
              "| clients | requests | seconds | queries/s | p50 ms | p99 ms | max ms | errors |",

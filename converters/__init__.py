@@ -2,6 +2,7 @@
 
 ``poe-convert export`` converts, checks and measures every fragment against
 its torch source and publishes the directory only when every gate passes;
-``poe-convert fuse`` builds one ONNX file per query from ONNX fragments.  This
-package may import ``pool_builder``; ``edge_runtime`` must never import it.
+``poe-convert fuse`` builds one ONNX file per query from ONNX fragments.  Each
+format is one backend in ``converters.backends``, registered by format name.
+This package may import ``pool_builder``; ``edge_runtime`` must never import it.
 """

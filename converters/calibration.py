@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pool_builder.data import load_dataset
-from pool_builder.evaluate import held_out_split
-from pool_builder.pool import Pool
+from pool_builder.data.datasets import load_dataset
+from pool_builder.pool.evaluate import held_out_split
+from pool_builder.pool.loader import Pool
 
 from .errors import ConvertError
 

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from edge_runtime.cli_errors import run_command
+from edge_runtime.cli_errors import missing_extra, run_command
 
 EXIT_GATE = 1
 
@@ -80,7 +80,7 @@ def _export(args: argparse.Namespace) -> int:
                        calibration_images=args.calibration_images, calibration_file=args.calibration_file,
                        eval_images=args.eval_images, data_dir=args.data_dir, max_accuracy_drop=args.max_accuracy_drop,
                        schemes=tuple(args.schemes.split(",")),
-                       queries=tuple(tuple(t.strip() for t in q.split(",") if t.strip()) for q in args.query),
+                       queries=tuple(args.query),
                        overwrite=args.overwrite, threads=args.threads,
                        check_tflite_runtime=not args.skip_tflite_runtime, latency=args.latency)
     result = Export(cfg).run()
@@ -96,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from .fuse import fuse_query
 
-    fused = fuse_query(args.fragments, args.tasks.split(","), args.out, args.precision)
+    fused = fuse_query(args.fragments, args.tasks, args.out, args.precision)
     print(f"wrote {fused.path} ({fused.bytes:,} bytes) for tasks {','.join(fused.tasks)}: output columns = "
           f"class ids {list(fused.class_ids)}; fused in {fused.milliseconds:.1f} ms")
     return 0
@@ -104,6 +104,10 @@ def _fuse(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    needs = ("torch", "onnx", "onnxruntime", "onnx2tf") if args.command == "export" else ("onnx",)
+    missing = missing_extra("poe-convert", "convert", needs)
+    if missing is not None:
+        return missing
     return run_command("poe-convert", _export if args.command == "export" else _fuse, args,
                        interrupted="interrupted; nothing was published")
 

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.atomic_io import atomic_write_bytes
 from edge_runtime.manifest import ManifestError, read_manifest, verified_bytes
+from edge_runtime.query import Query, QueryError, QueryLike
 
 from .errors import ConvertError
 
@@ -68,15 +69,16 @@ def fuse_models(library: onnx.ModelProto, experts: dict[str, onnx.ModelProto],
     return fused, ordered
 
 
-def fuse_query(fragments_dir: str | Path, tasks: Sequence[str], out: str | Path,
+def fuse_query(fragments_dir: str | Path, tasks: QueryLike, out: str | Path,
                precision: str = "fp32") -> FusedModel:
     """Write one ONNX model for ``tasks`` from the verified ONNX fragments of ``precision``."""
     start = time.perf_counter()
     root = Path(fragments_dir)
     manifest = read_manifest(root)
-    chosen = tuple(dict.fromkeys(t.strip() for t in tasks if t.strip()))
-    if not chosen:
-        raise ConvertError(f"no tasks given; valid: {', '.join(sorted(manifest.tasks))}")
+    try:
+        chosen = Query.parse(tasks).validate(manifest.tasks).tasks
+    except QueryError as exc:
+        raise ConvertError(str(exc)) from None
     if manifest.staged:
         raise ConvertError(f"{root} holds progressive experts (stage fragments); fuse does not build staged graphs - "
                            "run them with `edge-runtime run --stages K` or `--budget-ms MS`, or export a pool built "
@@ -89,7 +91,7 @@ def fuse_query(fragments_dir: str | Path, tasks: Sequence[str], out: str | Path,
     fused, ordered = fuse_models(_load_verified(root, lib_frag),
                                  {t: _load_verified(root, f) for t, f in expert_frags.items()},
                                  {t: manifest.tasks[t] for t in chosen})
-    for key, value in (("pool_id", manifest.pool_id), ("tasks", json.dumps(sorted(chosen))),
+    for key, value in (("pool_id", manifest.pool_id), ("tasks", json.dumps(list(chosen))),
                        ("class_ids", json.dumps(list(ordered))),
                        ("class_names", json.dumps([manifest.class_names[c] for c in ordered])),
                        ("precision", precision)):
@@ -97,4 +99,4 @@ def fuse_query(fragments_dir: str | Path, tasks: Sequence[str], out: str | Path,
     onnx.checker.check_model(fused)
     data = fused.SerializeToString()
     atomic_write_bytes(out, data)
-    return FusedModel(Path(out), tuple(sorted(chosen)), ordered, len(data), (time.perf_counter() - start) * 1000.0)
+    return FusedModel(Path(out), chosen, ordered, len(data), (time.perf_counter() - start) * 1000.0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pool_builder.models import ProgressiveExpert
+from pool_builder.models.wrn import ProgressiveExpert
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Device side of Pool of Experts: numpy plus one interpreter, nothing heavier.
 
-``Runtime.open(bundle_dir, tasks=[...])`` verifies and loads only the library
-and the requested experts, and ``predict(images)`` composes them;
+``Runtime.open(bundle_dir, tasks=[...])`` (any form ``Query.parse`` accepts:
+one canonical ``Query`` type, task order irrelevant) verifies and loads only
+the library and the requested experts, and ``predict(images)`` composes them;
 ``edge-runtime fetch`` (``fetch``, ``download``, ``signing``) brings a bundle
 up to date from the query service with the standard library's HTTP.  This
 package must never import torch, tensorflow, pool_builder or converters;
@@ -11,6 +12,7 @@ here so that the server side imports them from the device side, never the
 other way round.
 """
 
+from .query import Query, QueryError
 from .runtime import Prediction, Runtime
 
-__all__ = ["Prediction", "Runtime"]
+__all__ = ["Prediction", "Query", "QueryError", "Runtime"]

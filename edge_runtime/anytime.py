@@ -10,18 +10,20 @@ expert's logits fall far behind the others' in refinement.
 
 Early exit is a measured option, not a default: with ``early_exit=P`` a sample
 stops receiving further stages once its composite softmax is at least ``P``.
+
+``Runtime.open`` builds its composer with :func:`open_composer` and owns it;
+this module never touches a ``Runtime``, it only sees the selection and the
+opened runners.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .backends import Backend
 from .manifest import Manifest, ManifestError
 from .runners import Runner, dequantize, pass_between
 from .selection import Selection
@@ -118,15 +120,17 @@ def measure_latencies(runners: Sequence[Runner], library: Runner, encoded: np.nd
 class AnytimeComposer:
     """Sums the planned stages of every expert; optionally stops refining confident samples early."""
 
-    def __init__(self, library: Runner, stage_runners: Sequence[Sequence[Runner]], plan: Sequence[int],
-                 order: np.ndarray, early_exit: float | None = None) -> None:
+    def __init__(self, library: Runner, stage_runners: Sequence[Sequence[Runner]], counts: Sequence[int],
+                 order: Sequence[int] | np.ndarray, early_exit: float | None = None,
+                 plan: StagePlan | None = None) -> None:
         if early_exit is not None and not 0 < early_exit <= 1:
             raise ValueError(f"early exit threshold must be a probability in (0, 1], got {early_exit}")
         self.library = library
         self.stage_runners = [list(r) for r in stage_runners]
-        self.plan = list(plan)
-        self.order = order
+        self.counts = list(counts)  # per expert (task order): stages to run
+        self.order = np.asarray(order, dtype=np.int64)
         self.early_exit = early_exit
+        self.plan = plan  # the planner's record (for describe() and reports); ``counts`` is what runs
         self._passthrough = [[r.input.same_encoding(library.output) for r in runners] for runners in stage_runners]
         self.stages_run: list[int] = []  # per sample of the last call: stages run in all (for reports)
 
@@ -144,10 +148,10 @@ class AnytimeComposer:
         raw = self.library.run_raw(encoded)
         if timings is not None:
             timings[self.library.fragment.id] = timings.get(self.library.fragment.id, 0.0) + time.perf_counter() - start
-        parts = [self._stage(t, 0, raw, timings) for t in range(len(self.plan))]
-        run = np.full(len(encoded), len(self.plan), dtype=np.int64)
+        parts = [self._stage(t, 0, raw, timings) for t in range(len(self.counts))]
+        run = np.full(len(encoded), len(self.counts), dtype=np.int64)
         active = np.arange(len(encoded))
-        for level in range(1, max(self.plan)):
+        for level in range(1, max(self.counts)):
             if self.early_exit is not None:
                 logits = np.concatenate(parts, axis=1)[active]
                 e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -155,7 +159,7 @@ class AnytimeComposer:
                 active = active[~confident]
                 if not len(active):
                     break
-            for task, planned in enumerate(self.plan):
+            for task, planned in enumerate(self.counts):
                 if level < planned:
                     parts[task][active] += self._stage(task, level, raw[active], timings)
                     run[active] += 1
@@ -163,14 +167,14 @@ class AnytimeComposer:
         return np.concatenate(parts, axis=1)[:, self.order]
 
 
-def open_anytime(runtime_cls: type, root: Path, manifest: Manifest, selection: Selection, backend: Backend,
-                 runners: Sequence[Runner], max_batch: int, stages: int | None, budget_ms: float | None,
-                 early_exit: float | None, calibrate: bool) -> Any:
-    """A :class:`~edge_runtime.runtime.Runtime` whose composition runs the planned stages only."""
-    library = runners[0]
+def open_composer(manifest: Manifest, selection: Selection, runners: Sequence[Runner], stages: int | None = None,
+                  budget_ms: float | None = None, early_exit: float | None = None,
+                  calibrate: bool = False) -> AnytimeComposer:
+    """Plan how many stages of each expert run, and bind the composer to ``runners`` (those of
+    ``selection.fragments``, in any order)."""
     by_id = {r.fragment.id: r for r in runners}
+    library = by_id[selection.library.id]
     stage_runners = [[by_id[f.id] for f in frags] for frags in selection.stages]
-    runtime = runtime_cls(root, manifest, selection, backend, [library, *(r[0] for r in stage_runners)], max_batch)
     if calibrate:
         encoded = np.zeros((1, *library.input.shape[1:]), dtype=library.input.dtype)
         latencies, source = measure_latencies([r for rs in stage_runners for r in rs], library, encoded), "calibrated"
@@ -181,8 +185,7 @@ def open_anytime(runtime_cls: type, root: Path, manifest: Manifest, selection: S
         source = "manifest"
     stage_ms = {t: [latencies.get(f.id, 0.0) for f in frags] for t, frags in zip(selection.tasks, selection.stages)}
     chosen, predicted = plan_stages(latencies.get(library.fragment.id, 0.0), stage_ms, budget_ms, stages)
-    runtime.plan = StagePlan(chosen, {t: len(f) for t, f in zip(selection.tasks, selection.stages)}, predicted,
-                             budget_ms, source, latencies)
-    runtime.composer = AnytimeComposer(library, stage_runners, [chosen[t] for t in selection.tasks],
-                                       runtime._order, early_exit)
-    return runtime
+    plan = StagePlan(chosen, {t: len(f) for t, f in zip(selection.tasks, selection.stages)}, predicted,
+                     budget_ms, source, latencies)
+    return AnytimeComposer(library, stage_runners, [chosen[t] for t in selection.tasks], selection.column_order,
+                           early_exit, plan)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import interpreter_version
+from .query import Query
 from .runners import native_info_muted
 from .runtime import Runtime
 
@@ -31,7 +32,7 @@ PERCENTILES = (50, 90, 99)
 @dataclass(frozen=True)
 class BenchConfig:
     bundle: str
-    tasks: str
+    tasks: str  # any form ``Query.parse`` takes; held in canonical form so records of one query compare equal
     backend: str = "auto"
     precision: str = "int8"
     threads: tuple[int, ...] = (1, 2)
@@ -40,6 +41,7 @@ class BenchConfig:
     iterations: int = 200
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", Query.parse(self.tasks).canonical)
         if not self.threads or any(t < 1 for t in self.threads):
             raise ValueError(f"threads must be positive integers, got {list(self.threads)}")
         for name in ("batch", "iterations"):

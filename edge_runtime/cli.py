@@ -1,6 +1,8 @@
 """``edge-runtime``: run a query on images (``run``), describe (``info``), time (``bench``) or update (``fetch``) a bundle.
 
-Input errors print one line and exit 2 (``--debug`` shows the traceback).
+Input errors print one line and exit 2 (``--debug`` shows the traceback); a
+bad ``--tasks`` is a ``QueryError`` (a ``ValueError``), parsed inside the
+command rather than by argparse so it gets that same one line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
 from .cli_errors import run_command
 from .images import ARRAY_LAYOUTS
 from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
+from .query import Query
 from .runners import native_info_muted
+
+TASKS_HELP = "comma list of primitive tasks, e.g. footwear,tops (any order, each once)"
+
 
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
@@ -28,7 +34,7 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="fragment directory (manifest.json + fragment files)")
-    p.add_argument("--tasks", required=True, help="comma list of primitive tasks, e.g. footwear,tops")
+    p.add_argument("--tasks", required=True, help=TASKS_HELP)
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="interpreter; auto = first installed of " + ", ".join(BACKENDS))
     p.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
@@ -70,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download only the fragments a query needs that the bundle lacks, signed "
                                      "and verified (from `pool-builder serve`)")
     f.add_argument("--server", required=True, help="query service URL, e.g. http://10.0.0.2:8000")
-    f.add_argument("--tasks", required=True, help="comma list of primitive tasks, e.g. footwear,tops")
+    f.add_argument("--tasks", required=True, help=TASKS_HELP)
     f.add_argument("--bundle", required=True, help="bundle directory (created if needed): blobs/, manifest.json")
     f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `pool-builder keygen`)")
     f.add_argument("--insecure", action="store_true", help="accept unsigned or badly signed manifests (never in "
@@ -95,10 +101,11 @@ def _run(args: argparse.Namespace) -> int:
     from .images import load_inputs
     from .runtime import Runtime
 
+    query = Query.parse(args.tasks)
     pre = read_manifest(args.bundle).preprocessing
     batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]  # bad input fails first
     with native_info_muted():
-        runtime = Runtime.open(args.bundle, args.tasks, args.backend, args.precision, num_threads=args.threads,
+        runtime = Runtime.open(args.bundle, query, args.backend, args.precision, num_threads=args.threads,
                                stages=args.stages, budget_ms=args.budget_ms, early_exit=args.early_exit,
                                calibrate=args.calibrate)
     prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
@@ -141,7 +148,7 @@ def bundle_info(bundle: str) -> dict[str, Any]:
         except ManifestError as exc:
             files[frag.id] = "missing" if "is missing" in str(exc) else "checksum mismatch"
     variants = []
-    everything = ",".join(sorted(manifest.tasks))
+    everything = Query(tuple(manifest.tasks)).canonical
     for fmt, precision in manifest.variants():
         frags = [f for f in manifest.fragments if f.format == fmt and f.precision == precision]
         composite = manifest.composites.get(f"{fmt}.{precision}", {}).get("queries", {}).get(everything, {})

@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 from .atomic_io import LockBusyError, atomic_write_json, exclusive_lock
 from .download import RetryPolicy, download_blob, request_json, verified_blob
-from .manifest import FORMATS, PRECISIONS, Fragment, Manifest, ManifestError, check_choice, check_name, read_manifest
-from .selection import parse_tasks, select
+from .manifest import FORMATS, PRECISIONS, Fragment, Manifest, ManifestError, check_choice, read_manifest
+from .query import Query, QueryError
+from .selection import select
 from .signing import SignatureError, load_public_key, verify_document
 
 BLOBS = "blobs"
@@ -40,7 +41,7 @@ class FetchConfig:
     """One ``edge-runtime fetch``: which server, which query, where the bundle lives, whom to trust."""
 
     server: str
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # any form ``Query.parse`` takes; held as the query's sorted task names
     bundle: str
     public_key: str | None = None
     insecure: bool = False
@@ -54,12 +55,16 @@ class FetchConfig:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise FetchError(f"--server must be an http:// or https:// URL, got {self.server!r}")
         object.__setattr__(self, "server", self.server.rstrip("/"))
-        object.__setattr__(self, "tasks", tuple(check_name("task name", t) for t in parse_tasks(self.tasks)))
+        object.__setattr__(self, "tasks", Query.parse(self.tasks).tasks)
         check_choice("format", self.format, FORMATS)
         check_choice("precision", self.precision, PRECISIONS)
         if self.public_key is None and not self.insecure:
             raise SignatureError("--public-key KEY.pub is needed to check the server's signature "
                                  "(or --insecure to accept unsigned manifests)")
+
+    @property
+    def query(self) -> Query:
+        return Query(self.tasks)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -153,6 +158,14 @@ def _bundle_manifest(manifest: Manifest, wanted: tuple[Fragment, ...], held: Man
         return replace(manifest, fragments=tuple(replace(f, file=f"{BLOBS}/{f.sha256}") for f in wanted))
 
 
+def _parsed(tasks: Any) -> Query | None:
+    """The server's echo of the query, or None when it is not a valid one (then it answers another query)."""
+    try:
+        return Query.parse(tasks)
+    except QueryError:
+        return None
+
+
 def _held_manifest(bundle: Path) -> Manifest | None:
     try:
         return read_manifest(bundle) if (bundle / "manifest.json").is_file() else None
@@ -180,12 +193,12 @@ def _fetch_locked(cfg: FetchConfig, bundle: Path, log: Log) -> FetchReport:
         raise FetchError("the server's manifest carries no version; refusing it") from None
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FetchError(f"the server's manifest version must be an integer >= 1, got {version!r}")
-    selection = select(manifest, cfg.tasks, cfg.format, cfg.precision)
+    selection = select(manifest, cfg.query, cfg.format, cfg.precision)
     asked = payload.get("query", {})
-    if tuple(sorted(asked.get("tasks", ()))) != cfg.tasks or asked.get("format") != cfg.format \
+    if not isinstance(asked, dict) or _parsed(asked.get("tasks")) != cfg.query or asked.get("format") != cfg.format \
             or asked.get("precision") != cfg.precision:
         raise FetchError(f"the server answered another query ({asked}) than the one asked "
-                         f"({','.join(cfg.tasks)} {cfg.format} {cfg.precision}); refusing it")
+                         f"({cfg.query} {cfg.format} {cfg.precision}); refusing it")
     state = read_state(bundle)
     check_update(state, version, manifest, selection.library, key_id)
 

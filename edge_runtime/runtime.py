@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .anytime import AnytimeComposer, StagePlan, open_anytime
+from .anytime import AnytimeComposer, StagePlan, open_composer
 from .backends import Backend, resolve_backend
 from .encoding import InputEncoder
 from .images import ImageInput, load_inputs
 from .manifest import Manifest, ManifestError, read_manifest
+from .query import Query, QueryLike
 from .runners import Runner, dequantize, open_runner, pass_between, quantize
 from .selection import Selection, select
 
@@ -61,12 +62,20 @@ class Prediction:
 
 
 class Runtime:
-    """A loaded composite query; interpreters are built once and reused for every call."""
+    """A loaded composite query; interpreters are built once and reused for every call.
+
+    ``runners`` are those of ``selection.fragments`` (library first).  With progressive experts the
+    runtime owns an :class:`~edge_runtime.anytime.AnytimeComposer` (built by ``open``) that runs the
+    planned stages; ``experts`` are then each task's first stage.
+    """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, selection: Selection, backend: Backend,
-                 runners: Sequence[Runner], max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 runners: Sequence[Runner], max_batch: int = DEFAULT_MAX_BATCH,
+                 composer: AnytimeComposer | None = None) -> None:
         self.bundle_dir, self.manifest, self.selection, self.backend = bundle_dir, manifest, selection, backend
-        self.library, self.experts = runners[0], tuple(runners[1:])
+        by_id = {r.fragment.id: r for r in runners}
+        self.library, self.experts = runners[0], tuple(by_id[f.id] for f in selection.experts)
+        self.composer = composer
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
@@ -74,25 +83,22 @@ class Runtime:
         self.class_names = tuple(manifest.class_names[c] for c in self.classes)
         self._class_array = np.asarray(self.classes, dtype=np.int64)
         self._all_names = manifest.class_names
-        concatenated = [c for f in selection.experts for c in f.class_ids]
-        self._order = np.argsort(np.asarray(concatenated), kind="stable")  # concat order -> ascending ids
+        self._order = np.asarray(selection.column_order, dtype=np.int64)  # concat order -> ascending ids
         self._passthrough = tuple(e.input.same_encoding(self.library.output) for e in self.experts)
         self._encoder = InputEncoder(manifest.preprocessing, self.library.input)
         # Dequantize all experts' outputs in one step: per-column zero point and scale, in output order.
         outputs = [(e.output, len(f.class_ids)) for e, f in zip(self.experts, selection.experts)]
         self._quantized_out = all(o.quantized for o, _ in outputs)
-        self.plan: StagePlan | None = None  # progressive experts: how many stages of each run (anytime.py)
-        self.composer: AnytimeComposer | None = None
         if self._quantized_out:
             self._zero_point = np.concatenate([np.full(n, o.zero_point, np.float32) for o, n in outputs])[self._order]
             self._scale = np.concatenate([np.full(n, o.scale, np.float32) for o, n in outputs])[self._order]
 
     @classmethod
-    def open(cls, bundle_dir: str | Path, tasks: str | Sequence[str], backend: str = "auto",
+    def open(cls, bundle_dir: str | Path, tasks: QueryLike, backend: str = "auto",
              precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
              max_batch: int = DEFAULT_MAX_BATCH, stages: int | None = None, budget_ms: float | None = None,
              early_exit: float | None = None, calibrate: bool = False) -> "Runtime":
-        """Verify and load the library and the experts of ``tasks`` from a fragment bundle.
+        """Verify and load the library and the experts of ``tasks`` (a :class:`Query`, ``"a,b"`` or a list).
 
         Progressive bundles (experts as stages) run every stage unless ``stages`` (a count) or
         ``budget_ms`` (fragment latency at batch 1, from the manifest or, with ``calibrate``,
@@ -102,21 +108,31 @@ class Runtime:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if budget_ms is not None and stages is not None:
             raise ValueError("give a latency budget (budget_ms) or a stage count (stages), not both")
+        query = Query.parse(tasks)  # a malformed query fails before any file is read
         root = Path(bundle_dir)
         manifest = read_manifest(root)
         every_format = sorted({fmt for fmt, _ in manifest.variants()})
         with_precision = sorted({fmt for fmt, p in manifest.variants() if p == precision})
         chosen = resolve_backend(backend, (with_precision or every_format) if backend == "auto" else every_format)
-        selection = select(manifest, tasks, chosen.format, precision)
+        selection = select(manifest, query, chosen.format, precision)
         runners = [open_runner(root, frag, num_threads, chosen.name, providers) for frag in selection.fragments]
+        composer = None
         if manifest.staged or stages is not None or budget_ms is not None or early_exit is not None or calibrate:
-            return open_anytime(cls, root, manifest, selection, chosen, runners, max_batch, stages, budget_ms,
-                                early_exit, calibrate)
-        return cls(root, manifest, selection, chosen, runners, max_batch)
+            composer = open_composer(manifest, selection, runners, stages, budget_ms, early_exit, calibrate)
+        return cls(root, manifest, selection, chosen, runners, max_batch, composer)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.selection.tasks
+
+    @property
+    def query(self) -> Query:
+        return self.selection.query
+
+    @property
+    def plan(self) -> StagePlan | None:
+        """Progressive experts: how many stages of each run, and why (None without a composer)."""
+        return self.composer.plan if self.composer is not None else None
 
     def encode(self, images: np.ndarray | Sequence[ImageInput], layout: str = "auto",
                resize: bool = False) -> np.ndarray:
@@ -175,8 +191,8 @@ class Runtime:
                 "precision": self.selection.precision, "tasks": list(self.tasks), "classes": list(self.classes),
                 "fragments": {f.id: f.bytes for f in self.selection.fragments}, "bytes": self.selection.bytes,
                 "int8_passthrough": dict(zip(self.tasks, self._passthrough)),
-                **({} if self.plan is None else {"plan": self.plan.to_json(),
-                                                 "early_exit": self.composer.early_exit if self.composer else None})}
+                **({"plan": self.composer.plan.to_json(), "early_exit": self.composer.early_exit}
+                   if self.composer is not None and self.composer.plan is not None else {})}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -2,15 +2,16 @@
 
 Both the runtime (what to load) and a fetch client (what to download) ask this
 question, so it is answered in one place, with errors that list the valid
-tasks, formats and precisions of the bundle at hand.
+tasks, formats and precisions of the bundle at hand.  What a query *is*
+(parsing, canonical form, duplicates) lives in ``query.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .manifest import PRECISIONS, Fragment, Manifest, ManifestError, check_choice
+from .query import Query, QueryLike
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,19 @@ class Selection:
         return (self.library, *(f for stages in (self.stages or tuple((e,) for e in self.experts)) for f in stages))
 
     @property
+    def query(self) -> Query:
+        return Query(self.tasks)
+
+    @property
+    def column_order(self) -> tuple[int, ...]:
+        """Where each output column comes from in the experts' concatenated logits (ascending class ids).
+
+        The runtime and the anytime composer both reorder with it, so it is computed in one place.
+        """
+        concatenated = [c for f in self.experts for c in f.class_ids]
+        return tuple(sorted(range(len(concatenated)), key=concatenated.__getitem__))  # stable, like np.argsort
+
+    @property
     def class_ids(self) -> tuple[int, ...]:
         """The union of the queried classes, ascending: the order of every output column."""
         return tuple(sorted(c for f in self.experts for c in f.class_ids))
@@ -42,22 +56,10 @@ class Selection:
         return sum(f.bytes for f in self.fragments)
 
 
-def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
-    """``"a,b"`` or ``["a", "b"]`` -> sorted unique task names (order does not change a composite)."""
-    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = sorted({str(t).strip() for t in items if str(t).strip()})
-    if not names:
-        raise ManifestError("no tasks given; name at least one primitive task, e.g. --tasks footwear,tops")
-    return tuple(names)
-
-
-def select(manifest: Manifest, tasks: str | Sequence[str], fmt: str, precision: str) -> Selection:
-    """The library and experts for ``tasks`` in one format and precision, checked to belong together."""
-    names = parse_tasks(tasks)
-    unknown = [t for t in names if t not in manifest.tasks]
-    if unknown:
-        raise ManifestError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(sorted(manifest.tasks))}")
+def select(manifest: Manifest, tasks: QueryLike, fmt: str, precision: str) -> Selection:
+    """The library and experts for ``tasks`` (a :class:`Query` or its text/list form) in one format and
+    precision, checked to belong together."""
+    names = Query.parse(tasks).validate(manifest.tasks).tasks
     check_choice("precision", precision, PRECISIONS)
     present = [p for f, p in manifest.variants() if f == fmt]
     if precision not in present:

@@ -1,7 +1,10 @@
-"""Server side of Pool of Experts: build the pool (oracle -> library -> experts) and serve queries.
+"""Server side of Pool of Experts: build the pool (oracle -> library -> experts), compose and evaluate queries.
 
-Import the submodules you need (``pool_builder.build``, ``pool_builder.consolidate``...);
-importing the package itself stays cheap and does not import torch.
+Sub-packages: ``data`` (data sets, task hierarchy), ``models`` (architectures,
+weights, ensembles), ``distillation`` (losses, training loops, DDP), ``stages``
+(resumable stage engine, caches), ``build`` (local and Ray builds), ``pool``
+(pool.json, loading, composition, evaluation).  See docs/architecture.md.
+Importing the package itself stays cheap and does not import torch.
 """
 
 __version__ = "0.1.0"

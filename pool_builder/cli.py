@@ -1,4 +1,4 @@
-"""``pool-builder``: build a pool, query it, describe it.
+"""``pool-builder``: build a pool, query it, describe it (the query service is ``poe-service``).
 
 Errors caused by input print one line and exit 2; ``--debug`` shows the traceback.
 """
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime.cli_errors import run_command
+from edge_runtime.cli_errors import missing_extra, run_command
 
-from .errors import PoolBuilderError, unknown_name
+from pool_builder.errors import PoolBuilderError, unknown_name
 
 BACKENDS = ("local", "ray")
 RAY_FLAGS = ("address", "ray_cpus", "ray_object_store_mb", "ray_max_retries", "ray_task_cpus", "ray_shard_rows",
@@ -57,7 +57,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                         "N > 1 spawns ranks on this machine, or runs them as Ray actors with --backend ray)")
     p.add_argument("--json", action="store_true", help="print pool.json's content instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ray = p.add_argument_group("distributed build (--backend ray; see README)")
+    ray = p.add_argument_group("distributed build (--backend ray; see docs/pool_builder.md)")
     ray.add_argument("--backend", default="local", help="local (default: this process) or ray (caches and experts "
                      "as Ray tasks, with retries; same weights as local)")
     ray.add_argument("--address", help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto "
@@ -92,28 +92,6 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print pool.json")
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from .query_service import DEFAULT_MAX_BODY
-
-    k = sub.add_parser("keygen", help="make the Ed25519 key pair that signs served manifests (KEY, KEY.pub)")
-    k.add_argument("--out", required=True, help="private key file to write (mode 0600); the public key goes to "
-                                                "OUT.pub for the devices")
-    k.add_argument("--overwrite", action="store_true",
-                   help="replace an existing key (devices must get the new .pub)")
-    p = sub.add_parser("serve", help="realtime query service: catalog, signed per-query manifests, fragments, "
-                                     "fused models (HTTP)")
-    p.add_argument("--fragments", required=True, help="fragment directory (poe-convert export)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
-    p.add_argument("--key", help="Ed25519 private key from `pool-builder keygen` (without it manifests are unsigned)")
-    p.add_argument("--version-file", help="manifest version counter (default KEY.version.json); bumped whenever "
-                                          "the fragment set changes, so versions only increase")
-    p.add_argument("--cache-dir", help="where fused per-query models are cached (default FRAGMENTS.serve-cache)")
-    p.add_argument("--port-file", help="write the bound port here once listening (for scripts and tests)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
-                   help=f"largest accepted request body (default {DEFAULT_MAX_BODY})")
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pool-builder", description="Pool of Experts: build a pool and query it")
     root.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -121,7 +99,6 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_query(sub)
     _add_info(sub)
-    _add_serve(sub)
     return root
 
 
@@ -140,7 +117,7 @@ def _list(text: str | None, flag: str, kind: type = str) -> list[Any] | None:
 
 def _ensemble(args: argparse.Namespace) -> Any:
     """The multi-teacher oracle named by the build flags, or None for a single oracle."""
-    from .ensemble import EnsembleConfig
+    from pool_builder.models.ensemble import EnsembleConfig
 
     files, archs = _list(args.teachers, "--teachers"), _list(args.teacher_archs, "--teacher-archs")
     if not files and not archs:
@@ -156,8 +133,8 @@ def _ensemble(args: argparse.Namespace) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_pool, config_for
-    from .report import format_table, pct
+    from pool_builder.build import build_pool, config_for
+    from pool_builder.report import format_table, pct
 
     overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
@@ -165,7 +142,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers", "expert_stages", "stage_width")}}
     cfg = config_for(args.profile, out=args.out, **overrides)
     if args.backend == "ray":
-        from .ray_backend import ray_options, build_pool_on_ray
+        from pool_builder.build.ray_backend import ray_options, build_pool_on_ray
 
         meta = build_pool_on_ray(cfg, ray_options(args), show_progress=not args.no_progress)
     elif args.backend == "local":
@@ -193,10 +170,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from .consolidate import consolidate, save_composed
-    from .evaluate import Evaluator, held_out_split
-    from .pool import Pool
-    from .report import format_table, pct
+    from pool_builder.pool.consolidate import consolidate, save_composed
+    from pool_builder.pool.evaluate import Evaluator, held_out_split
+    from pool_builder.pool.loader import Pool
+    from pool_builder.report import format_table, pct
 
     pool = Pool.open(args.pool)
     queries = [pool.hierarchy.resolve_query(t) for t in args.tasks]
@@ -230,8 +207,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .pool import Pool
-    from .report import format_table, pct
+    from pool_builder.pool.loader import Pool
+    from pool_builder.report import format_table, pct
 
     pool = Pool.open(args.pool)
     pool.verify()
@@ -256,7 +233,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _teacher_table(meta: Any) -> str:
     """Each teacher and the fused ensemble: size and accuracy on the validation share and the test images."""
-    from .report import format_table, pct
+    from pool_builder.report import format_table, pct
 
     arch = meta.oracle.architecture
     weights = arch.get("weights") or [None] * len(meta.teachers)
@@ -271,30 +248,14 @@ def _size(path: Path) -> str:
     return f"{path.stat().st_size:,}"
 
 
-def cmd_keygen(args: argparse.Namespace) -> int:
-    from .keys import generate_keypair
-
-    private, public, kid = generate_keypair(args.out, overwrite=args.overwrite)
-    print(f"private key {private} (mode 0600, keep it on the server); public key {public} (give it to the "
-          f"devices: edge-runtime fetch --public-key {public}); key id {kid}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
-
-    serve(ServeConfig(fragments=args.fragments, host=args.host, port=args.port, key=args.key,
-                      version_file=args.version_file, cache_dir=args.cache_dir, port_file=args.port_file,
-                      max_body_bytes=args.max_body_bytes))
-    return 0
-
-
-COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info, "keygen": cmd_keygen,
-            "serve": cmd_serve}
+COMMANDS = {"build": cmd_build, "query": cmd_query, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    missing = missing_extra("pool-builder", "builder", ("torch", "tqdm"))
+    if missing is not None:
+        return missing
     return run_command("pool-builder", COMMANDS[args.command], args, errors=(PoolBuilderError, OSError),
                        interrupted="interrupted; run the same command again to resume")
 

@@ -26,7 +26,12 @@ class PoolFormatError(PoolBuilderError):
     """A pool directory is incomplete, tampered with or from another schema version."""
 
 
+def plural(noun: str) -> str:
+    """English plural of the nouns these messages use ("class" -> "classes", "task" -> "tasks")."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x", "z")) else "s")
+
+
 def unknown_name(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> UnknownNameError:
-    """Build the standard "unknown X 'y'; valid: a, b, c" error."""
+    """Build the standard "unknown X 'y'; valid Xs: a, b, c" error."""
     choices = ", ".join(sorted(str(v) for v in valid)) or "(none)"
-    return UnknownNameError(f"unknown {kind} {name!r}; valid {kind}s: {choices}")
+    return UnknownNameError(f"unknown {kind} {name!r}; valid {plural(kind)}: {choices}")

@@ -44,7 +44,7 @@ def _pin_threads():
 
 @pytest.fixture(scope="session")
 def fmnist_small():
-    from pool_builder.data import load_dataset
+    from pool_builder.data.datasets import load_dataset
 
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"Fashion-MNIST missing in {FMNIST_DIR}: `make test` installs dataset-fashion-mnist")

@@ -101,7 +101,7 @@ def _chained_logits(out, manifest, fmt, precision, tasks, images_nchw):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_fused_onnx_equals_the_chained_fragments(exported, tmp_path, fmnist_small, precision):
     from converters.fuse import fuse_query
-    from pool_builder.data import Normalizer
+    from pool_builder.data.datasets import Normalizer
 
     out, _, _ = exported
     manifest = read_manifest(out)

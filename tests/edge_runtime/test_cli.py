@@ -24,8 +24,8 @@ def _cli(*args, python=sys.executable, env=None):
 
 @pytest.fixture(scope="module")
 def images_npy(tiny_pool_dir, tmp_path_factory):
-    from pool_builder.evaluate import held_out_split
-    from pool_builder.pool import Pool
+    from pool_builder.pool.evaluate import held_out_split
+    from pool_builder.pool.loader import Pool
 
     split = held_out_split(Pool.open(tiny_pool_dir))
     path = tmp_path_factory.mktemp("inputs") / "images.npy"

@@ -19,8 +19,8 @@ from edge_runtime.anytime import plan_stages
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from edge_runtime.runners import native_info_muted
 from edge_runtime.runtime import Runtime
-from pool_builder.consolidate import consolidate
-from pool_builder.pool import Pool
+from pool_builder.pool.consolidate import consolidate
+from pool_builder.pool.loader import Pool
 
 from ..conftest import PROGRESSIVE_BUILD, ROOT, run_cli_env
 

@@ -27,9 +27,9 @@ def reference(tiny_pool_dir):
     """Held-out uint8 images of the query's classes and the torch composed model's logits on them."""
     import torch
 
-    from pool_builder.consolidate import consolidate
-    from pool_builder.evaluate import held_out_split
-    from pool_builder.pool import Pool
+    from pool_builder.pool.consolidate import consolidate
+    from pool_builder.pool.evaluate import held_out_split
+    from pool_builder.pool.loader import Pool
 
     pool = Pool.open(tiny_pool_dir)
     split = held_out_split(pool)

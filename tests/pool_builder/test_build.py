@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pool_builder.build import build_pool, config_for
-from pool_builder.consolidate import consolidate, save_composed
+from pool_builder.pool.consolidate import consolidate, save_composed
 from pool_builder.errors import PoolFormatError
-from pool_builder.evaluate import Evaluator
-from pool_builder.pool import Pool
-from pool_builder.pool_format import POOL_SCHEMA_VERSION
+from pool_builder.pool.evaluate import Evaluator
+from pool_builder.pool.loader import Pool
+from pool_builder.pool.format import POOL_SCHEMA_VERSION
 
 from ..conftest import FMNIST_DIR, TINY_BUILD
 
@@ -172,8 +172,8 @@ def test_cache_files_are_memory_mappable_and_match_records(tiny_pool_dir):
 
 
 def test_expert_extraction_is_reproducible_with_a_seed(tiny_pool_dir):
-    from pool_builder.models import build_expert_head
-    from pool_builder.training import TrainConfig, cached_source, extract_expert
+    from pool_builder.models.wrn import build_expert_head
+    from pool_builder.distillation.training import TrainConfig, cached_source, extract_expert
 
     feats = np.load(tiny_pool_dir / "cache" / "library_features.npy", mmap_mode="r")
     logits = np.load(tiny_pool_dir / "cache" / "oracle_logits.npy", mmap_mode="r")

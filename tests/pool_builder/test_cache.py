@@ -1,6 +1,6 @@
 import numpy as np
 
-from pool_builder.cache import cached_array, open_cache, write_cache
+from pool_builder.stages.cache import cached_array, open_cache, write_cache
 
 
 def _chunks(values, step=3):

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from pool_builder.data import (DataNotFoundError, load_dataset, read_idx, Normalizer)
+from pool_builder.data.datasets import (DataNotFoundError, load_dataset, read_idx, Normalizer)
 from pool_builder.errors import PoolBuilderError, UnknownNameError
 
 

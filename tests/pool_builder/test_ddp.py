@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from pool_builder.cli import main
-from pool_builder.ddp import MAX_LIBRARY_WORKERS, local_cpus
-from pool_builder.evaluate import Evaluator
-from pool_builder.pool import Pool
+from pool_builder.distillation.ddp import MAX_LIBRARY_WORKERS, local_cpus
+from pool_builder.pool.evaluate import Evaluator
+from pool_builder.pool.loader import Pool
 
 from ..conftest import ROOT, TRAINED_ORACLE, run_cli_env, tiny_cli_args, with_stages_of
 from .test_cli import _one_line_error
@@ -65,10 +65,10 @@ def test_one_rank_loop_is_the_one_process_loop(fmnist_small):
     import torch
     import torch.distributed as dist
 
-    from pool_builder.data import Normalizer
-    from pool_builder.ddp import RankSpec, train_rank
-    from pool_builder.models import create_model
-    from pool_builder.training import TrainConfig, cached_source, distill_student
+    from pool_builder.data.datasets import Normalizer
+    from pool_builder.distillation.ddp import RankSpec, train_rank
+    from pool_builder.models.registry import create_model
+    from pool_builder.distillation.training import TrainConfig, cached_source, distill_student
 
     normalizer = Normalizer(fmnist_small.mean, fmnist_small.std)
     logits = np.random.default_rng(0).normal(0.0, 3.0, (len(fmnist_small.train.images), 10)).astype(np.float32)
@@ -97,7 +97,7 @@ def _sync_bn_rank(rank: int, port: int, x, grad_out, results) -> None:
     import torch
     import torch.distributed as dist
 
-    from pool_builder.sync_bn import synchronized_batch_norm
+    from pool_builder.distillation.sync_bn import synchronized_batch_norm
 
     store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pool_builder.cli import main
-from pool_builder.ensemble import (Ensemble, EnsembleConfig, FusionConfig, TeacherSpec, check_teachers_agree,
+from pool_builder.models.ensemble import (Ensemble, EnsembleConfig, FusionConfig, TeacherSpec, check_teachers_agree,
                                    fit_weights, list_fusions, stack_logits, validation_indices)
 from pool_builder.errors import PoolBuilderError
 
@@ -175,7 +175,7 @@ def ensemble_pool(tiny_pool_dir, tmp_path_factory):
 
 
 def test_ensemble_pool_records_teachers_and_fusion(ensemble_pool):
-    from pool_builder.pool import Pool
+    from pool_builder.pool.loader import Pool
 
     out, _cfg, meta, _logs = ensemble_pool
     raw = json.loads((out / "pool.json").read_text())
@@ -190,7 +190,7 @@ def test_ensemble_pool_records_teachers_and_fusion(ensemble_pool):
 
 
 def test_teachers_run_once_and_fused_cache_is_their_fusion(ensemble_pool, fmnist_small):
-    from pool_builder.pool import Pool
+    from pool_builder.pool.loader import Pool
 
     out, _cfg, _meta, logs = ensemble_pool
     assert sum("computing" in line and "teacher-" in line for line in logs) == 2
@@ -209,8 +209,8 @@ def test_teachers_run_once_and_fused_cache_is_their_fusion(ensemble_pool, fmnist
 
 
 def test_query_reports_each_teacher_the_ensemble_and_the_pool(ensemble_pool, fmnist_small, capsys):
-    from pool_builder.evaluate import Evaluator, predict_logits, restricted_accuracy
-    from pool_builder.pool import Pool
+    from pool_builder.pool.evaluate import Evaluator, predict_logits, restricted_accuracy
+    from pool_builder.pool.loader import Pool
 
     out, _cfg, meta, _logs = ensemble_pool
     pool = Pool.open(out)

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from pool_builder.data import FASHION_MNIST_CLASSES
+from pool_builder.data.datasets import FASHION_MNIST_CLASSES
 from pool_builder.errors import PoolBuilderError, UnknownNameError
-from pool_builder.hierarchy import TaskHierarchy
+from pool_builder.data.hierarchy import TaskHierarchy
 
 
 @pytest.fixture
@@ -21,13 +21,14 @@ def test_default_fashion_mnist_hierarchy(fmnist_tasks):
 
 def test_query_parsing(fmnist_tasks):
     assert fmnist_tasks.resolve_query("footwear, tops") == ("footwear", "tops")
+    assert fmnist_tasks.resolve_query("tops,footwear") == ("footwear", "tops")  # order does not matter
     assert fmnist_tasks.resolve_query(["bags"]) == ("bags",)
 
 
 @pytest.mark.parametrize("query, message", [
-    ("shoes", "unknown task 'shoes'; valid tasks: bags, bottoms, footwear, tops"),
-    ("", "empty query"),
-    (" , ", "empty query"),
+    ("shoes", "unknown task 'shoes'; valid: bags, bottoms, footwear, tops"),
+    ("", "no tasks given"),
+    (" , ", "no tasks given"),
     ("tops,tops", "duplicate task 'tops'"),
 ])
 def test_bad_queries_name_the_problem(fmnist_tasks, query, message):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pool_builder.losses import ckd_loss, kd_loss
+from pool_builder.distillation.losses import ckd_loss, kd_loss
 
 
 def _kl(p, q):

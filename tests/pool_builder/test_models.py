@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pool_builder.errors import PoolBuilderError, UnknownNameError
-from pool_builder.models import (WRNConfig, build_expert_head, count_parameters, create_model, list_models)
+from pool_builder.models.wrn import WRNConfig, build_expert_head, count_parameters
+from pool_builder.models.registry import create_model, list_models
 
 
 def test_registry_lists_and_rejects_unknown():

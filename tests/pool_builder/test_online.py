@@ -3,7 +3,7 @@
 import numpy as np
 
 from pool_builder.build import build_pool, config_for
-from pool_builder.pool import Pool
+from pool_builder.pool.loader import Pool
 
 from ..conftest import FMNIST_DIR, TINY_BUILD
 

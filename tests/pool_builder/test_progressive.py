@@ -12,11 +12,11 @@ import torch
 
 from pool_builder.build import build_pool, config_for
 from pool_builder.cli import main
-from pool_builder.consolidate import consolidate
+from pool_builder.pool.consolidate import consolidate
 from pool_builder.errors import PoolBuilderError
-from pool_builder.evaluate import Evaluator, held_out_split
-from pool_builder.models import ProgressiveExpert
-from pool_builder.pool import Pool
+from pool_builder.pool.evaluate import Evaluator, held_out_split
+from pool_builder.models.wrn import ProgressiveExpert
+from pool_builder.pool.loader import Pool
 
 from ..conftest import FMNIST_DIR, PROGRESSIVE_BUILD, TINY_BUILD
 

@@ -24,11 +24,13 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; `make test` installs it)")
 
-from pool_builder.build import ExpertJob, StageRecord, build_pool, config_for  # noqa: E402
+from pool_builder.build import build_pool, config_for  # noqa: E402
+from pool_builder.build.experts import ExpertJob  # noqa: E402
+from pool_builder.stages.engine import StageRecord  # noqa: E402
 from pool_builder.errors import PoolBuilderError  # noqa: E402
-from pool_builder.models import WRNConfig  # noqa: E402
-from pool_builder.pool import Pool  # noqa: E402
-from pool_builder.ray_backend import (ExpertResult, RayOptions, RayPoolBuild, build_pool_on_ray,  # noqa: E402
+from pool_builder.models.wrn import WRNConfig  # noqa: E402
+from pool_builder.pool.loader import Pool  # noqa: E402
+from pool_builder.build.ray_backend import (ExpertResult, RayOptions, RayPoolBuild, build_pool_on_ray,  # noqa: E402
                                       parse_address, probe)
 
 from ..conftest import FMNIST_DIR, ROOT, TINY_BUILD, run_cli_env, tiny_cli_args, with_stages_of  # noqa: E402
@@ -249,7 +251,7 @@ def test_tampered_or_misaddressed_expert_never_enters_the_pool(tmp_path, pool_co
     assert not (tmp_path / "fresh" / "stages" / "expert-bags.json").exists()
     build._commit_expert(job, ExpertResult(record, weights, "node", 7))  # the genuine result is admitted
     assert (tmp_path / "fresh" / "experts" / "bags.pt").read_bytes() == weights
-    assert build._finished("expert-bags", job.fingerprint) is not None
+    assert build.stages.finished("expert-bags", job.fingerprint) is not None
 
 
 def test_unreachable_cluster_fails_fast_with_one_line(tmp_path):
@@ -291,7 +293,7 @@ def test_online_mode_is_local_only(tmp_path):
 
 
 def test_multi_teacher_oracle_is_local_only(tmp_path):
-    from pool_builder.ensemble import EnsembleConfig, TeacherSpec
+    from pool_builder.models.ensemble import EnsembleConfig, TeacherSpec
 
     teachers = (TeacherSpec(arch="wrn_10_1", seed=0), TeacherSpec(arch="wrn_10_1", seed=1))
     cfg = config_for("quick", out=str(tmp_path), oracle_arch=None, ensemble=EnsembleConfig(teachers))

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from pool_builder.pool import Pool
+from pool_builder.pool.loader import Pool
 
 from ..conftest import ROOT, run_cli_env, tiny_cli_args
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pool_builder.models import WRNConfig, build_expert_head
-from pool_builder.training import (Checkpoint, TrainConfig, batches_per_epoch, cached_source, epoch_batches,
+from pool_builder.models.wrn import WRNConfig, build_expert_head
+from pool_builder.distillation.training import (Checkpoint, TrainConfig, batches_per_epoch, cached_source, epoch_batches,
                                    extract_expert)
 
 

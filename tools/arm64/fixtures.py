@@ -35,7 +35,7 @@ def build_fixtures(work: Path, log: Callable[[str], None]) -> Fixtures:
     from converters.export import ExportConfig, export_fragments
     from edge_runtime.manifest import read_manifest
     from pool_builder.build import build_pool, config_for
-    from pool_builder.data import load_dataset
+    from pool_builder.data.datasets import load_dataset
 
     if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         raise SetupError(f"Fashion-MNIST missing in {FMNIST_DIR}: `make dataset` installs dataset-fashion-mnist")

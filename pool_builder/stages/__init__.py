@@ -1,0 +1,1 @@
+"""The resumable stage engine: fingerprinted stage records, per-epoch checkpoints, cached teacher outputs."""
