@@ -201,10 +201,10 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  task {task}: {', '.join(names)}")
     for v in info["variants"]:
         acc = v["all_tasks_accuracy"]
-        bad = [f"{f['id']} {f['status']}" for f in v["fragments"] if f["status"] != "ok"]
+        damaged = [f"{f['id']} {f['status']}" for f in v["fragments"] if f["status"] != "ok"]
         print(f"  {v['format']:>6} {v['precision']:<4} {v['bytes']:>9,} bytes"
               + (f"  all-task accuracy {acc * 100:.2f}%" if acc is not None else "")
-              + (f"  [{'; '.join(bad)}]" if bad else ""))
+              + (f"  [{'; '.join(damaged)}]" if damaged else ""))
     for name, status in info["interpreters"].items():
         print(f"  interpreter {name}: {status}")
     if bad:  # a boot-time self-check must not pass a damaged bundle

@@ -9,6 +9,7 @@ with what was expected instead of being guessed at.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -101,7 +102,8 @@ def load_image_file(path: Path, pre: Preprocessing, resize: bool = False) -> np.
                          f"or pass a .npy array instead") from None
     h, w, c = pre.input_shape
     try:
-        with Image.open(path) as img:  # reads the header only; pixels are decoded by convert()
+        with warnings.catch_warnings(), Image.open(path) as img:  # reads the header only; convert() decodes
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
             size = img.size
             if size != (w, h) and not resize:
                 raise InputError(f"{path} is {size[0]}x{size[1]} pixels, the model takes {w}x{h}; "

@@ -21,6 +21,7 @@ from edge_runtime.selection import select
 from edge_runtime.verify import verify_bundle
 
 from ..conftest import ROOT, run_cli_env
+from .test_runtime import _edit_manifest as _edit
 
 
 def _cli(*args, stdin=None):
@@ -33,13 +34,6 @@ def bundle(tiny_fragments, tmp_path):
     dest = tmp_path / "bundle"
     shutil.copytree(tiny_fragments[0], dest)
     return dest
-
-
-def _edit(bundle, change):
-    path = bundle / MANIFEST_NAME
-    raw = json.loads(path.read_text())
-    change(raw)
-    path.write_text(json.dumps(raw))
 
 
 def _frag(raw, fid):

@@ -141,7 +141,8 @@ def test_stream_watches_a_directory_as_files_arrive_and_stops_on_sigterm(tiny_fr
     try:
         for k in range(2):
             partial = inbox / f".frame{k}.npy.tmp"  # written under a hidden name, then renamed: never half-read
-            np.save(partial, frames[1][k])
+            with open(partial, "wb") as handle:
+                np.save(handle, frames[1][k])
             os.replace(partial, inbox / f"frame{k}.npy")
             ready, _, _ = select.select([proc.stdout], [], [], 120)
             assert ready, "no answer within 120 s"
