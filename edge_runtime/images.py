@@ -102,8 +102,10 @@ def load_image_file(path: Path, pre: Preprocessing, resize: bool = False) -> np.
                          f"or pass a .npy array instead") from None
     h, w, c = pre.input_shape
     try:
-        with warnings.catch_warnings(), Image.open(path) as img:  # reads the header only; convert() decodes
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
+            img = Image.open(path)  # reads the header only; convert() decodes
+        with img:
             size = img.size
             if size != (w, h) and not resize:
                 raise InputError(f"{path} is {size[0]}x{size[1]} pixels, the model takes {w}x{h}; "
