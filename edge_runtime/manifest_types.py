@@ -57,7 +57,7 @@ def type_problem(value: Any, spec: Spec = MANIFEST, where: str = "manifest") -> 
         if kind == "optional":
             return None if value is None else type_problem(value, inner, where)
         if kind == "list":
-            if not isinstance(value, list):
+            if not isinstance(value, (list, tuple)):  # tuples: Manifest.to_json() handed back without JSON
                 return f"{where} must be a list, got {_type_name(value)}"
             return next((p for i, item in enumerate(value) if (p := type_problem(item, inner, f"{where}[{i}]"))),
                         None)
