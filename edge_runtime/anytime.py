@@ -134,6 +134,13 @@ class AnytimeComposer:
         self._passthrough = [[r.input.same_encoding(library.output) for r in runners] for runners in stage_runners]
         self.stages_run: list[int] = []  # per sample of the last call: stages run in all (for reports)
 
+    def rebind(self, runners: Sequence[Runner]) -> "AnytimeComposer":
+        """The same plan on other runners of the same fragments (a per-thread copy of a Runtime)."""
+        by_id = {r.fragment.id: r for r in runners}
+        return AnytimeComposer(by_id[self.library.fragment.id],
+                               [[by_id[r.fragment.id] for r in rs] for rs in self.stage_runners], self.counts,
+                               self.order, self.early_exit, self.plan)
+
     def _stage(self, task: int, stage: int, raw: np.ndarray, timings: dict[str, float] | None) -> np.ndarray:
         runner = self.stage_runners[task][stage]
         fed = raw if self._passthrough[task][stage] else pass_between(raw, self.library.output, runner.input)
@@ -175,6 +182,10 @@ def open_composer(manifest: Manifest, selection: Selection, runners: Sequence[Ru
     by_id = {r.fragment.id: r for r in runners}
     library = by_id[selection.library.id]
     stage_runners = [[by_id[f.id] for f in frags] for frags in selection.stages]
+    most = max(len(rs) for rs in stage_runners)
+    if stages is not None and stages > most:
+        raise ManifestError(f"--stages {stages}: the experts of this query have at most {most} stage(s) in this "
+                            f"bundle; valid: 1..{most}")
     if calibrate:
         encoded = np.zeros((1, *library.input.shape[1:]), dtype=library.input.dtype)
         latencies, source = measure_latencies([r for rs in stage_runners for r in rs], library, encoded), "calibrated"

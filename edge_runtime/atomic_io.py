@@ -32,6 +32,29 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask(0) would briefly make other
+    threads' new files world-writable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: read it by setting a strict mask for an instant
+    os.umask(mask)
+    return mask
+
+
+def default_mode(fd: int) -> None:
+    """Give a ``mkstemp`` file (always 0600) the mode ``open()`` would: 0666 less the umask, 0644 by default.
+
+    A bundle or fused model copied with ``cp -a`` must stay readable for a service user.
+    """
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -56,6 +79,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     tmp = Path(tmp_name)
     try:
+        default_mode(fd)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -88,6 +112,7 @@ def temporary_sibling(path: str | os.PathLike[str]) -> Path:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    default_mode(fd)
     os.close(fd)
     return Path(tmp_name)
 

@@ -1,8 +1,8 @@
-"""``edge-runtime``: run a query on images (``run``), describe (``info``), time (``bench``) or update (``fetch``) a bundle.
+"""``edge-runtime``: run a query on images (``run``, ``stream``), check (``verify``), describe (``info``), time (``bench``) or update (``fetch``) a bundle.
 
-Input errors print one line and exit 2 (``--debug`` shows the traceback); a
-bad ``--tasks`` is a ``QueryError`` (a ``ValueError``), parsed inside the
-command rather than by argparse so it gets that same one line.
+Input errors print one line and exit 2 (``--debug`` shows the traceback; under
+``--json`` a JSON error object on stdout too); a bad ``--tasks`` or ``--top`` is
+checked inside the command rather than by argparse so it gets that same line.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .atomic_io import atomic_write_json
 from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
-from .cli_errors import run_command
+from .cli_errors import EXIT_USAGE, run_command
 from .images import ARRAY_LAYOUTS
 from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
 from .query import Query
@@ -38,6 +38,8 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="interpreter; auto = first installed of " + ", ".join(BACKENDS))
     p.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
+    p.add_argument("--public-key", help="Ed25519 public key to re-check a fetched bundle's signed manifest with "
+                                        "(default: the bundle's pinned trusted_key.pub, if any)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
                          help="stop adding stages for an image once its top probability reaches P (off by default)")
     anytime.add_argument("--calibrate", action="store_true",
                          help="measure fragment latencies on this device before planning (instead of the manifest's)")
+    v = sub.add_parser("verify", help="boot-time self-check: manifest schema and types, every fragment's size and "
+                                      "sha256, library fingerprints, signature of a fetched bundle; exit 0 only "
+                                      "when all hold, else one line per problem and exit 2")
+    v.add_argument("bundle", metavar="BUNDLE", help="fragment directory")
+    v.add_argument("--public-key", help="Ed25519 public key (KEY.pub) to check a fetched bundle's signature with "
+                                        "(default: the bundle's pinned trusted_key.pub)")
+    v.add_argument("--json", action="store_true", help="print the JSON report")
+    s = sub.add_parser("stream", help="keep interpreters warm and answer images as they arrive: one JSON line each")
+    _add_query_args(s)
+    s.add_argument("source", metavar="SOURCE", help="'-' (paths on stdin, one per line), a directory to watch, or "
+                                                   "a quoted glob such as 'frames/*.png'")
+    s.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    s.add_argument("--layout", default="auto", choices=ARRAY_LAYOUTS, help="layout of .npy arrays (default: infer)")
+    s.add_argument("--resize", action="store_true", help="resize image files to the model's size")
+    s.add_argument("--top", type=int, help="probabilities per image (default: all)")
+    s.add_argument("--poll", type=float, default=0.1, help="seconds between looks at a directory or glob (0.1)")
+    s.add_argument("--once", action="store_true", help="answer the files present now, then exit (directory/glob)")
+    s.set_defaults(json=True)  # its output is JSON lines, so its errors are JSON too
     i = sub.add_parser("info", help="pool, tasks, fragments and their checks, usable interpreters")
     i.add_argument("--bundle", required=True, help="fragment directory")
     i.add_argument("--json", action="store_true")
@@ -97,17 +117,23 @@ def _input_names(inputs: Sequence[str], counts: Sequence[int]) -> list[str]:
     return names
 
 
+def _check_top(top: int | None) -> None:
+    if top is not None and top < 1:
+        raise ValueError(f"--top must be at least 1 (probabilities shown per image), got {top}")
+
+
 def _run(args: argparse.Namespace) -> int:
     from .images import load_inputs
     from .runtime import Runtime
 
+    _check_top(args.top)
     query = Query.parse(args.tasks)
     pre = read_manifest(args.bundle).preprocessing
     batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]  # bad input fails first
     with native_info_muted():
         runtime = Runtime.open(args.bundle, query, args.backend, args.precision, num_threads=args.threads,
                                stages=args.stages, budget_ms=args.budget_ms, early_exit=args.early_exit,
-                               calibrate=args.calibrate)
+                               calibrate=args.calibrate, public_key=args.public_key)
     prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
     names = _input_names(args.inputs, [len(b) for b in batches])
     stages_run = runtime.composer.stages_run if runtime.composer is not None else None
@@ -164,22 +190,57 @@ def bundle_info(bundle: str) -> dict[str, Any]:
 
 def _info(args: argparse.Namespace) -> int:
     info = bundle_info(args.bundle)
+    bad = [f"{f['id']} {f['status']}" for v in info["variants"] for f in v["fragments"] if f["status"] != "ok"]
     if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+        print(json.dumps({**info, "ok": not bad, **({"error": f"{len(bad)} fragment(s) fail their checks: "
+                                                               + "; ".join(bad)} if bad else {})}, indent=2))
+        return EXIT_USAGE if bad else 0
     print(f"pool {info['pool_id']} (manifest schema {info['schema_version']}), images "
           f"{'x'.join(map(str, info['input_shape']))}")
     for task, names in info["tasks"].items():
         print(f"  task {task}: {', '.join(names)}")
     for v in info["variants"]:
         acc = v["all_tasks_accuracy"]
-        bad = [f"{f['id']} {f['status']}" for f in v["fragments"] if f["status"] != "ok"]
+        damaged = [f"{f['id']} {f['status']}" for f in v["fragments"] if f["status"] != "ok"]
         print(f"  {v['format']:>6} {v['precision']:<4} {v['bytes']:>9,} bytes"
               + (f"  all-task accuracy {acc * 100:.2f}%" if acc is not None else "")
-              + (f"  [{'; '.join(bad)}]" if bad else ""))
+              + (f"  [{'; '.join(damaged)}]" if damaged else ""))
     for name, status in info["interpreters"].items():
         print(f"  interpreter {name}: {status}")
+    if bad:  # a boot-time self-check must not pass a damaged bundle
+        print(f"edge-runtime: error: {len(bad)} fragment(s) fail their checks: {'; '.join(bad)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify_bundle
+
+    report = verify_bundle(args.bundle, args.public_key)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else EXIT_USAGE
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+    from .stream import StopFlag, run_stream, source_paths
+
+    _check_top(args.top)
+    if not args.poll > 0:
+        raise ValueError(f"--poll must be a positive number of seconds, got {args.poll}")
+    stop = StopFlag()
+    paths = source_paths(args.source, args.poll, args.once, stop, sys.stdin)  # a bad source fails before loading
+    with native_info_muted():
+        runtime = Runtime.open(args.bundle, Query.parse(args.tasks), args.backend, args.precision,
+                               num_threads=args.threads, public_key=args.public_key, warmup=True)
+    stop.install()
+    stats = run_stream(runtime, paths, sys.stdout, args.top, args.layout, args.resize)
+    print(f"edge-runtime: stream: {stats.images} image(s), {stats.failed} failed, {stats.seconds:.1f} s",
+          file=sys.stderr)
+    return EXIT_USAGE if stats.failed else 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -205,12 +266,12 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "info": _info, "bench": _bench, "fetch": _fetch}
+COMMANDS = {"run": _run, "verify": _verify, "stream": _stream, "info": _info, "bench": _bench, "fetch": _fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return run_command("edge-runtime", COMMANDS[args.command], args)
+    return run_command("edge-runtime", COMMANDS[args.command], args, json_errors=True)
 
 
 if __name__ == "__main__":

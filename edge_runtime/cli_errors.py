@@ -7,22 +7,45 @@ side imports from the device side, never the other way round).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Callable
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141  # 141 = 128 + SIGPIPE, what `cat` exits with
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (``| head -1``): send what is still buffered nowhere, so exit is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 errors: tuple[type[BaseException], ...] = (ValueError, OSError),
-                interrupted: str = "interrupted") -> int:
-    """Run ``command(args)``; an expected error prints ``prog: error: ...`` and returns 2."""
+                interrupted: str = "interrupted", json_errors: bool = False) -> int:
+    """Run ``command(args)``; an expected error prints ``prog: error: ...`` and returns 2.
+
+    With ``json_errors`` and ``args.json`` set, stdout also gets ``{"error": ..., "type": ..., "exit": 2}`` so a
+    program reading the JSON never has to parse stderr.  A closed stdout ends the command quietly (141).
+    """
     try:
-        return command(args)
+        status = command(args)
+        sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's exit handler
+        return status
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except errors as exc:
         if getattr(args, "debug", False):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        if json_errors and getattr(args, "json", False):
+            try:
+                print(json.dumps({"error": str(exc), "type": type(exc).__name__, "exit": EXIT_USAGE}), flush=True)
+            except BrokenPipeError:
+                _quiet_stdout()
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -9,6 +9,7 @@ with what was expected instead of being guessed at.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -18,6 +19,8 @@ from .manifest import Preprocessing, check_choice
 
 ARRAY_LAYOUTS = ("auto", "HW", "HWC", "NHW", "NHWC", "NCHW")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm")
+# Refused from the file header, before any pixel is decoded: a 12-megapixel photo resizes, a bomb does not.
+MAX_RESIZE_PIXELS = 40_000_000
 FLOAT_RANGE_SLACK = 1e-3  # float pixels must lie in [0, 1]; allow rounding noise at the ends
 ImageInput = Union[np.ndarray, str, Path]
 
@@ -99,14 +102,24 @@ def load_image_file(path: Path, pre: Preprocessing, resize: bool = False) -> np.
                          f"or pass a .npy array instead") from None
     h, w, c = pre.input_shape
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
+            img = Image.open(path)  # reads the header only; convert() decodes
+        with img:
+            size = img.size
+            if size != (w, h) and not resize:
+                raise InputError(f"{path} is {size[0]}x{size[1]} pixels, the model takes {w}x{h}; "
+                                 f"resize it first or pass --resize")
+            if size[0] * size[1] > MAX_RESIZE_PIXELS:
+                raise InputError(f"{path} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels), "
+                                 f"more than the {MAX_RESIZE_PIXELS // 1_000_000} this runtime decodes; refusing it")
+            img.draft("L" if c == 1 else "RGB", (w, h))  # JPEG: decode at reduced size when resizing
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
-                if not resize:
-                    raise InputError(f"{path} is {img.size[0]}x{img.size[1]} pixels, the model takes {w}x{h}; "
-                                     f"resize it first or pass --resize")
                 img = img.resize((w, h), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path} refused as a decompression bomb: {exc}") from None
     except OSError as exc:
         raise InputError(f"{path} is not a readable image: {exc}") from None
     return arr.reshape(h, w, c)
@@ -125,14 +138,21 @@ def load_inputs(items: Sequence[ImageInput] | np.ndarray, pre: Preprocessing, la
             batches.append(to_nhwc(item, pre, layout))
             continue
         path = Path(item)
+        if str(item) == "-":
+            raise InputError("input '-': standard input is not read by `run`; use `edge-runtime stream -` "
+                             "(one path per line)")
+        if path.is_dir():
+            raise InputError(f"input {path} is a directory; give its files (e.g. {path}/*.png) or use "
+                             f"`edge-runtime stream {path}`")
         if not path.is_file():
             raise InputError(f"input {path} not found")
         suffix = path.suffix.lower()
         if suffix == ".npy":
             try:
                 array = np.load(path, allow_pickle=False)
-            except ValueError as exc:
-                raise InputError(f"{path} is not a plain numpy array file: {exc}") from None
+            except (ValueError, EOFError, OSError) as exc:  # a 0-byte or truncated file raises EOFError
+                raise InputError(f"{path} is not a plain numpy array file ({type(exc).__name__}: "
+                                 f"{exc or 'empty or truncated'})") from None
             batches.append(to_nhwc(array, pre, layout))
         elif suffix in IMAGE_SUFFIXES:
             batches.append(load_image_file(path, pre, resize)[None])

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .atomic_io import atomic_write_json, sha256_bytes, sha256_file
+from .manifest_types import check_types, reject_constant
 
 MANIFEST_SCHEMA_VERSION = 2  # the newest this runtime reads
 SINGLE_STAGE_SCHEMA_VERSION = 1  # bundles without progressive experts are still written as version 1
@@ -131,9 +132,10 @@ class Preprocessing:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         channels = self.input_shape[-1] if len(self.input_shape) == 3 else -1
-        if len(self.mean) != channels or len(self.std) != channels or any(s <= 0 for s in self.std):
-            raise ManifestError(f"preprocessing: input shape {self.input_shape} (H, W, C) needs one mean and one "
-                                f"positive std per channel, got mean {self.mean}, std {self.std}")
+        if len(self.mean) != channels or len(self.std) != channels or any(s <= 0 for s in self.std) \
+                or not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ManifestError(f"preprocessing: input shape {self.input_shape} (H, W, C) needs one finite mean and "
+                                f"one finite positive std per channel, got mean {self.mean}, std {self.std}")
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,9 @@ class Manifest:
     def from_json(cls, raw: dict[str, Any]) -> "Manifest":
         if not isinstance(raw, dict) or "schema_version" not in raw:
             raise ManifestError("not a fragment manifest (no schema_version)")
+        problem = check_types(raw)
+        if problem:
+            raise ManifestError(f"malformed manifest: {problem}")
         try:
             pre = raw["preprocessing"]
             return cls(schema_version=int(raw["schema_version"]), pool_id=str(raw["pool_id"]),
@@ -317,8 +322,8 @@ def read_manifest(fragments_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path} not found: not a fragment directory (run `poe-convert export` first)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON: {exc}") from None
     return Manifest.from_json(raw)
 

@@ -11,6 +11,7 @@ graph use.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .anytime import AnytimeComposer, StagePlan, open_composer
+from .authenticity import Authenticity, authenticate
 from .backends import Backend, resolve_backend
 from .encoding import InputEncoder
 from .images import ImageInput, load_inputs
+from .loading import load_runner
 from .manifest import Manifest, ManifestError, read_manifest
 from .query import Query, QueryLike
-from .runners import Runner, dequantize, open_runner, pass_between, quantize
+from .runners import Runner, dequantize, pass_between, quantize
 from .selection import Selection, select
 
 DEFAULT_MAX_BATCH = 64  # larger inputs run in chunks of this many images, bounding memory
@@ -76,6 +79,9 @@ class Runtime:
         by_id = {r.fragment.id: r for r in runners}
         self.library, self.experts = runners[0], tuple(by_id[f.id] for f in selection.experts)
         self.composer = composer
+        self._lock = threading.Lock()  # one interpreter set: one call at a time (see clone() for parallel threads)
+        self.authenticity: Authenticity | None = None
+        self.load_options: dict[str, Any] = {}  # how open() built the runners, for clone()
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
@@ -97,12 +103,16 @@ class Runtime:
     def open(cls, bundle_dir: str | Path, tasks: QueryLike, backend: str = "auto",
              precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
              max_batch: int = DEFAULT_MAX_BATCH, stages: int | None = None, budget_ms: float | None = None,
-             early_exit: float | None = None, calibrate: bool = False) -> "Runtime":
+             early_exit: float | None = None, calibrate: bool = False,
+             public_key: Any = None, warmup: bool = False) -> "Runtime":
         """Verify and load the library and the experts of ``tasks`` (a :class:`Query`, ``"a,b"`` or a list).
 
         Progressive bundles (experts as stages) run every stage unless ``stages`` (a count) or
         ``budget_ms`` (fragment latency at batch 1, from the manifest or, with ``calibrate``,
         measured here) says fewer; ``early_exit`` stops refining samples whose softmax reaches it.
+        A fetched bundle's manifest must match its saved signed manifest, whose signature is checked with
+        ``public_key`` (an Ed25519 key or PEM path) or the bundle's pinned key.  Every interpreter runs once
+        at load; ``warmup`` also runs the whole pipeline (:meth:`warmup`).
         """
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -115,11 +125,42 @@ class Runtime:
         with_precision = sorted({fmt for fmt, p in manifest.variants() if p == precision})
         chosen = resolve_backend(backend, (with_precision or every_format) if backend == "auto" else every_format)
         selection = select(manifest, query, chosen.format, precision)
-        runners = [open_runner(root, frag, num_threads, chosen.name, providers) for frag in selection.fragments]
+        auth = authenticate(root, manifest, public_key, selection.fragments)
+        if auth.problems:
+            raise ManifestError(auth.problems[0] + (f" (and {len(auth.problems) - 1} more problem(s): edge-runtime "
+                                                    f"verify lists them)" if len(auth.problems) > 1 else ""))
+        runners = [load_runner(root, frag, num_threads, chosen.name, providers) for frag in selection.fragments]
         composer = None
         if manifest.staged or stages is not None or budget_ms is not None or early_exit is not None or calibrate:
             composer = open_composer(manifest, selection, runners, stages, budget_ms, early_exit, calibrate)
-        return cls(root, manifest, selection, chosen, runners, max_batch, composer)
+        runtime = cls(root, manifest, selection, chosen, runners, max_batch, composer)
+        runtime.authenticity = auth
+        runtime.load_options = {"threads": num_threads, "providers": providers}
+        if warmup:
+            runtime.warmup()
+        return runtime
+
+    def clone(self) -> "Runtime":
+        """The same query on its own interpreters (files read and checked again), for one more thread.
+
+        A Runtime is safe to share (calls are serialized by a lock); give each worker thread its own clone
+        to run them in parallel instead - measured in docs/results/edge_stream.md.
+        """
+        opts = self.load_options
+        runners = [load_runner(self.bundle_dir, f, opts.get("threads"), self.backend.name, opts.get("providers"))
+                   for f in self.selection.fragments]
+        composer = self.composer.rebind(runners) if self.composer is not None else None
+        twin = type(self)(self.bundle_dir, self.manifest, self.selection, self.backend, runners, self.max_batch,
+                          composer)
+        twin.authenticity, twin.load_options = self.authenticity, dict(opts)
+        return twin
+
+    def warmup(self, iterations: int = 3, batch: int = 1) -> None:
+        """Run the whole pipeline on blank images so the first real frame does not pay for first-call setup."""
+        h, w, c = self.manifest.preprocessing.input_shape
+        blank = np.zeros((batch, h, w, c), dtype=np.uint8)
+        for _ in range(iterations):
+            self.predict(blank, "NHWC")
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -146,10 +187,15 @@ class Runtime:
     def logits_from_encoded(self, encoded: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """Composite logits (N, K) from the library's raw input tensor (``encode``).
 
-        With ``timings``, seconds spent in each fragment's interpreter are added under its id.
+        With ``timings``, seconds spent in each fragment's interpreter are added under its id.  Thread-safe:
+        TFLite interpreters must not be invoked from two threads at once, so calls take turns.
         """
+        with self._lock:
+            return self._logits_unlocked(encoded, timings)
+
+    def _logits_unlocked(self, encoded: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         if len(encoded) > self.max_batch:
-            return np.concatenate([self.logits_from_encoded(encoded[i:i + self.max_batch], timings)
+            return np.concatenate([self._logits_unlocked(encoded[i:i + self.max_batch], timings)
                                    for i in range(0, len(encoded), self.max_batch)])
         if self.composer is not None:
             return self.composer(encoded, timings)

@@ -57,14 +57,16 @@ def test_info_reports_each_fragment_and_interpreter(tiny_fragments, tmp_path):
     damaged = next(f for f in manifest["fragments"] if f["id"] == "expert.bags.onnx.int8")
     (bundle / damaged["file"]).write_bytes(b"x")
     out = _cli("info", "--bundle", bundle, "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 2, out.stderr  # still reported in full, but a damaged bundle never passes (issue 19)
     info = json.loads(out.stdout)
+    assert info["ok"] is False and "expert.bags.onnx.int8 checksum mismatch" in info["error"]
     statuses = {f["id"]: f["status"] for v in info["variants"] for f in v["fragments"]}
     assert statuses.pop("expert.bags.onnx.int8") == "checksum mismatch"
     assert set(statuses.values()) == {"ok"} and len(statuses) == 24
     assert info["interpreters"] == {"ai_edge_litert": "usable", "tflite_runtime": "usable", "onnxruntime": "usable"}
     text = _cli("info", "--bundle", bundle)
     assert "expert.bags.onnx.int8 checksum mismatch" in text.stdout and "task footwear: Sandal, Sneaker" in text.stdout
+    assert text.returncode == 2 and text.stderr.count("\n") == 1 and "1 fragment(s) fail their checks" in text.stderr
 
 
 def test_bench_writes_a_record_other_boards_can_be_gathered_with(tiny_fragments, tmp_path):

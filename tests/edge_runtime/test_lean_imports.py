@@ -18,12 +18,15 @@ def _imported_after(statement: str) -> set[str]:
 def test_edge_runtime_imports_nothing_heavy():
     modules = _imported_after("import edge_runtime, edge_runtime.atomic_io, edge_runtime.manifest, edge_runtime.runners, "
                               "edge_runtime.signing, edge_runtime.download, edge_runtime.fetch, edge_runtime.cli, "
-                              "edge_runtime.anytime, edge_runtime.runtime, edge_runtime.selection, edge_runtime.query")
+                              "edge_runtime.anytime, edge_runtime.runtime, edge_runtime.selection, edge_runtime.query, "
+                              "edge_runtime.verify, edge_runtime.stream, edge_runtime.authenticity, "
+                              "edge_runtime.loading, edge_runtime.manifest_types")
     assert not {m for m in modules if m.split(".")[0] in HEAVY}
 
 
 def test_fetch_modules_import_neither_server_libraries_nor_cryptography_until_used():
-    modules = _imported_after("import edge_runtime.fetch, edge_runtime.download, edge_runtime.signing")
+    modules = _imported_after("import edge_runtime.fetch, edge_runtime.download, edge_runtime.signing, "
+                              "edge_runtime.verify")
     assert not {m for m in modules if m.split(".")[0] in ("fastapi", "uvicorn", "starlette", "cryptography",
                                                               "requests")}
 
