@@ -217,7 +217,7 @@ class Manifest:
     fragments: tuple[Fragment, ...]
     seam: dict[str, Any] = field(default_factory=dict)
     composites: dict[str, Any] = field(default_factory=dict)
-    tools: dict[str, str] = field(default_factory=dict)
+    tools: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SINGLE_STAGE_SCHEMA_VERSION
 
     def __post_init__(self) -> None:

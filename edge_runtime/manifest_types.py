@@ -40,7 +40,7 @@ PREPROCESSING = {"input_shape": list_of(INT), "mean": list_of(NUMBER), "std": li
                  "image_dtype": optional(STR), "image_layout": optional(STR)}
 MANIFEST = {"schema_version": INT, "pool_id": STR, "preprocessing": PREPROCESSING, "class_names": list_of(STR),
             "tasks": map_of(list_of(INT)), "fragments": list_of(FRAGMENT), "seam": optional(ANY_OBJECT),
-            "composites": optional(ANY_OBJECT), "tools": optional(map_of(STR))}
+            "composites": optional(ANY_OBJECT), "tools": optional(ANY_OBJECT)}  # tool versions, latency conditions
 
 
 def _type_name(value: Any) -> str:
