@@ -14,7 +14,9 @@ import argparse
 import os
 import platform
 import shutil
+import subprocess
 import sys
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, Sequence
@@ -147,6 +149,59 @@ def machine() -> Machine:
                    f"{platform.system()} {platform.machine()}", load)  # type: ignore[arg-type]
 
 
+# Instruction-set extensions that decide how fast int8 and fp32 kernels can be (x86 and Arm names in /proc/cpuinfo).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU reports: int8-vs-fp32 results depend on them (VNNI, AMX, dot product)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("flags", "features"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def git_commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def stamp(load_before: Sequence[float] | None = None) -> dict[str, Any]:
+    """What a result was measured on, written into every section's result: commit, CPU and its flags, cores,
+    1-minute load average before (the section's start, when known) and after, and the UTC date it finished.
+
+    Each section keeps its own stamp, so a report assembled from sections of
+    different runs never shows one run's machine for another's numbers.
+    """
+    after = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"commit": git_commit(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count() or 1,
+            "load_before": round(float(load_before[0]), 2) if load_before else None, "load_after": after,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def describe_stamp(s: dict[str, Any]) -> str:
+    """One line for a report: ``Stamp: commit ..., CPU (flags), N cores, load a -> b, date``."""
+    flags = ", ".join(s.get("cpu_flags") or []) or "none of " + "/".join(CPU_FLAGS[:4])
+    before = "?" if s.get("load_before") is None else f"{s['load_before']:.2f}"
+    after = "?" if s.get("load_after") is None else f"{s['load_after']:.2f}"
+    return (f"Stamp: commit `{s.get('commit', 'unknown')}`; {s.get('cpu', '?')} ({flags}); {s.get('cores', '?')} "
+            f"cores; load average {before} before, {after} after; finished {s.get('date', '?')}.")
+
+
 def describe_machine(m: dict[str, Any], threads: int | None = None, load_after: Sequence[float] = ()) -> str:
     """One sentence naming the machine a result's absolute times come from (``m``: a :class:`Machine` as JSON)."""
     text = f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}"
@@ -172,8 +227,10 @@ def write_section(out: Path, result: dict[str, Any], markdown: str, headlines: I
     out.mkdir(parents=True, exist_ok=True)
     payload = {**result, "headline": [asdict(h) for h in headlines]}
     payload.setdefault("machine", asdict(machine()))
+    payload.setdefault("stamp", stamp(payload["machine"].get("load_average")))
     atomic_write_json(out / RESULT_FILE, payload)
-    atomic_write_bytes(out / REPORT_FILE, markdown.encode())
+    atomic_write_bytes(out / REPORT_FILE, (markdown.rstrip("\n") + "\n\n" + describe_stamp(payload["stamp"])
+                                           + "\n").encode())
     return out
 
 

@@ -113,6 +113,23 @@ def summary_rows(out: Path) -> list[list[str]]:
     return rows
 
 
+def stamp_rows(out: Path) -> list[list[str]]:
+    """Each section's own stamp (``common.stamp``); a result written before stamps existed says so."""
+    rows = []
+    for number, section in enumerate(SECTIONS, 1):
+        result = _read_json(out / section.name / RESULT_FILE) if (out / section.name / REPORT_FILE).is_file() else None
+        if result is None:
+            continue
+        s = result.get("stamp")
+        if not s:
+            rows.append([f"{number}. {section.title}", "not stamped", "-", "-", "-", "-", "-"])
+            continue
+        load = " -> ".join("?" if v is None else f"{v:.2f}" for v in (s.get("load_before"), s.get("load_after")))
+        rows.append([f"{number}. {section.title}", s.get("date", "?"), f"`{s.get('commit', '?')}`", s.get("cpu", "?"),
+                     ", ".join(s.get("cpu_flags") or []) or "-", str(s.get("cores", "?")), load])
+    return rows
+
+
 def assemble(out: Path) -> Path:
     """Write ``<out>/REPORT.md`` from whatever sections are there."""
     if not out.is_dir():
@@ -124,13 +141,20 @@ def assemble(out: Path) -> Path:
     if run:
         times = ", ".join(f"{name} {status['seconds']:.0f} s" if "seconds" in status else f"{name} {status['status']}"
                           for name, status in statuses.items())
-        head.append(f"Run: {'quick' if run.get('quick') else 'full'} profile; sections {times}; pool: "
-                    f"{run.get('pool', {}).get('note', '-')}; {describe_machine(run['machine'])}.")
+        head.append(f"Latest `run_all.py` invocation: {'quick' if run.get('quick') else 'full'} profile; sections "
+                    f"{times}; pool: {run.get('pool', {}).get('note', '-')}; it started on "
+                    f"{describe_machine(run['machine'])}. Sections kept from earlier invocations keep their own "
+                    "stamps (table below): read each section's numbers with its own stamp.")
     head += ["", "Comparisons were run side by side in the same run and are given as ratios; absolute times hold "
-             "only for the machine named in each section.", "", "## Summary", ""]
+             "only for the machine named in each section's stamp.", "", "## Summary", ""]
     rows = summary_rows(out)
     head.append(markdown_table(["section", "claim", "measured", "target", "met"], rows, "lllrl") if rows
                 else "No section has results yet.")
+    stamps = stamp_rows(out)
+    if stamps:
+        head += ["", "Where and when each section was measured (1-minute load average before and after):", "",
+                 markdown_table(["section", "finished (UTC)", "commit", "CPU", "flags", "cores", "load"], stamps,
+                                "llllllr")]
     parts = ["\n".join(head)]
     for number, section in enumerate(SECTIONS, 1):
         report = out / section.name / REPORT_FILE

@@ -59,3 +59,25 @@ def test_publish_copies_report_and_plots_with_the_same_layout(tmp_path):
     assert sorted(p.relative_to(tmp_path / "docs").as_posix() for p in copied) == [
         "REPORT.md", "scale_ablation/scale_ablation.png"]
     assert "](scale_ablation/scale_ablation.png)" in (tmp_path / "docs" / "REPORT.md").read_text()
+
+
+def test_each_section_shows_its_own_stamp_not_the_latest_runs(tmp_path):
+    from benchmarks.common import describe_stamp
+
+    old = {"commit": "aaaa", "cpu": "Old CPU", "cpu_flags": ["avx2"], "cores": 2, "load_before": 3.5,
+           "load_after": 3.9, "date": "2026-12-01T10:00:00+00:00"}
+    (tmp_path / "scale_ablation").mkdir()
+    (tmp_path / "scale_ablation" / "result.json").write_text(json.dumps({"stamp": old, "headline": []}))
+    (tmp_path / "scale_ablation" / "report.md").write_text("# Ablation\n\n" + describe_stamp(old) + "\n")
+    _section(tmp_path, "build_throughput", "# Build throughput\n\nbody\n")  # stamped now, on this machine
+    new = json.loads((tmp_path / "build_throughput" / "result.json").read_text())["stamp"]
+    assert new["commit"] and new["date"] > old["date"] and isinstance(new["cpu_flags"], list)
+    (tmp_path / "run.json").write_text(json.dumps({"quick": True, "pool": {"note": "`p`"},
+        "machine": {"cpu": "New CPU", "cores": 16, "python": "3.11", "torch": "2", "platform": "L",
+                    "load_average": [0.1, 0, 0]}, "sections": {"build_throughput": {"status": "ok", "seconds": 1}}}))
+    text = assemble(tmp_path).read_text()
+    assert "| 3. Ablation: L_scale and alpha | 2026-12-01T10:00:00+00:00 | `aaaa` | Old CPU | avx2 | 2 | 3.50 -> 3.90 |" \
+        in text
+    assert f"| 2. Build throughput: cached vs online | {new['date']} | `{new['commit']}` |" in text
+    assert "Stamp: commit `aaaa`; Old CPU (avx2); 2 cores; load average 3.50 before, 3.90 after" in text
+    assert text.count("Stamp: commit") == 2
