@@ -60,6 +60,8 @@ class ProgressiveConfig(SectionConfig):
             raise BenchError(f"rounds must be >= 10, got {self.rounds}")
 
 
+BUDGET_P50 = 1.1  # p50 of a whole predict call may exceed its budget by this factor (noise, not a planning gap)
+
 PROFILES: dict[str, dict[str, Any]] = {
     # ~5 min on 2 cores with the quick pool: 12 stages of 3 epochs, two int8 exports, ~40 timed configurations
     "quick": dict(stage_epochs=3, rounds=300),
@@ -109,15 +111,16 @@ def measure(runtime: Runtime, images: np.ndarray, labels: np.ndarray, rounds: in
     predicted = runtime.prediction(runtime.logits_from_encoded(encoded)).class_ids
     stages_run = list(runtime.composer.stages_run) if runtime.composer is not None else None
     for i in range(10):
-        runtime.prediction(runtime.logits_from_encoded(encoded[i:i + 1]))
+        runtime.predict(images[i:i + 1], "NHWC")
     samples = []
-    for i in range(rounds):
-        one = encoded[i % len(encoded):i % len(encoded) + 1]
+    for i in range(rounds):  # what a caller waits for: preprocessing, fragments, softmax
+        one = images[i % len(images):i % len(images) + 1]
         start = time.perf_counter()
-        runtime.prediction(runtime.logits_from_encoded(one))
+        runtime.predict(one, "NHWC")
         samples.append(time.perf_counter() - start)
-    row = {"accuracy": float(np.mean(predicted == labels)), "latency_ms": summarize(samples),
-           "images": int(len(labels))}
+    latency = summarize(samples)
+    latency["p95"] = round(float(np.percentile(np.asarray(samples) * 1000.0, 95)), 4)
+    row = {"accuracy": float(np.mean(predicted == labels)), "latency_ms": latency, "images": int(len(labels))}
     if runtime.plan is not None:
         row["plan"] = runtime.plan.to_json()
     if stages_run is not None and runtime.composer.early_exit is not None:
@@ -160,15 +163,20 @@ def run(cfg: ProgressiveConfig, log: Callable[[str], None]) -> dict[str, Any]:
             r["parameters"] = sum(prog.meta.experts[t].metrics["stages"][k - 1]["parameters"] for t in names)
             row["stages"].append(r)
         row["early_exit"] = measure(_open(prog_bundle, query, early_exit=cfg.early_exit), images, labels, cfg.rounds)
-        full_plan = row["stages"][-1]["plan"]
+        # budgets from a plan that counts the overhead measured at open (preprocessing, softmax, glue):
+        # the minimum (library + stage 1 of each expert), halfway, and every stage
+        full_plan = _open(prog_bundle, query, budget_ms=1e9).plan.to_json()
         lat = full_plan["latencies_ms"]
-        minimum = row["stages"][0]["plan"]["predicted_ms"]
+        minimum = (full_plan["overhead_fixed_ms"] + lat[f"library.{FORMAT}.{PRECISION}"]
+                   + full_plan["overhead_per_call_ms"] * (1 + len(names))
+                   + sum(lat[f"expert.{t}.stage1.{FORMAT}.{PRECISION}"] for t in names))
         budgets = sorted({round(minimum + f * (full_plan["predicted_ms"] - minimum), 4) for f in (0.0, 0.5, 1.0)})
         row["budgets"] = []
         for budget in budgets:
             r = measure(_open(prog_bundle, query, budget_ms=budget), images, labels, cfg.rounds)
             r["budget_ms"] = budget
             r["p50_over_budget"] = r["latency_ms"]["p50"] / budget
+            r["p95_over_budget"] = r["latency_ms"]["p95"] / budget
             row["budgets"].append(r)
         row["library_ms"] = lat[f"library.{FORMAT}.{PRECISION}"]
         results.append(row)
@@ -196,6 +204,7 @@ def headlines(result: dict[str, Any]) -> list[Headline]:
     steps = [s2["latency_ms"]["p50"] - s1["latency_ms"]["p50"] for r in rows
              for s1, s2 in zip(r["stages"], r["stages"][1:])]
     ratios = [b["p50_over_budget"] for r in rows for b in r["budgets"]]
+    tails = [b["latency_ms"]["p95"] / b["budget_ms"] for r in rows for b in r["budgets"]]
     return [
         Headline(f"{widest['query']}: accuracy after 1..{len(widest['stages'])} stages vs single-stage",
                  " / ".join(_pct(s["accuracy"]) for s in widest["stages"]) + f" vs {_pct(widest['single']['accuracy'])}",
@@ -205,9 +214,11 @@ def headlines(result: dict[str, Any]) -> list[Headline]:
         Headline("p50 cost of one more stage of every expert (TFLite int8, 1 thread, batch 1)",
                  f"{min(steps):+.3f} .. {max(steps):+.3f} ms", "> 0 (stages are not free)", min(steps) > 0,
                  round(max(steps), 4)),
-        Headline("--budget-ms respected: p50 / budget", f"{min(ratios):.2f} .. {max(ratios):.2f}",
-                 "<= 1.5 (+0.2 ms)", all(b["latency_ms"]["p50"] <= 1.5 * b["budget_ms"] + 0.2
-                                         for r in rows for b in r["budgets"]), round(max(ratios), 3)),
+        Headline("--budget-ms respected (whole predict call, overhead planned): p50 / budget",
+                 f"{min(ratios):.2f} .. {max(ratios):.2f}", f"<= {BUDGET_P50}", max(ratios) <= BUDGET_P50,
+                 round(max(ratios), 3)),
+        Headline("--budget-ms tail: p95 / budget", f"{min(tails):.2f} .. {max(tails):.2f}", "-", None,
+                 round(max(tails), 3)),
     ]
 
 
@@ -226,8 +237,11 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
                      f"{e['latency_ms']['p50']:.3f}", f"{e['mean_stages_run'] / len(r['query'].split(',')):.2f} "
                                                       "stages per expert"])
     budget_rows = [[r["query"], f"{b['budget_ms']:.3f}", ", ".join(f"{t} {k}" for t, k in b["plan"]["stages"].items()),
-                    f"{b['plan']['predicted_ms']:.3f}", f"{b['latency_ms']['p50']:.3f}", f"{b['p50_over_budget']:.2f}",
-                    _pct(b["accuracy"])] for r in result["results"] for b in r["budgets"]]
+                    f"{b['plan']['predicted_ms']:.3f}",
+                    f"{b['plan'].get('overhead_fixed_ms', 0):.3f} + {b['plan'].get('overhead_per_call_ms', 0):.3f}/call",
+                    f"{b['latency_ms']['p50']:.3f}", f"{b['p50_over_budget']:.2f}", f"{b['latency_ms']['p95']:.3f}",
+                    f"{b['latency_ms']['p95'] / b['budget_ms']:.2f}", _pct(b["accuracy"])]
+                   for r in result["results"] for b in r["budgets"]]
     return "\n".join([
         "# Progressive experts: accuracy vs latency on the device", "",
         f"Experts of pool `{result['pool_id']}` rebuilt as {cfg['stages']} stages of width {cfg['stage_width']:g} "
@@ -239,9 +253,11 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         f"Build {result['build_s']:.0f} s, export {result['export_s']:.0f} s, whole run {result['seconds']:.0f} s.", "",
         markdown_table(["query", "experts", "expert params", "accuracy", "p50 ms", "note"], rows), "",
         "`edge-runtime run --budget-ms MS`: stages chosen from the manifest's per-fragment latencies (measured at "
-        "export); budgets at the minimum (library + stage 1 of each expert), halfway, and all stages:", "",
-        markdown_table(["query", "budget ms", "stages run", "planned ms", "p50 ms", "p50 / budget", "accuracy"],
-                       budget_rows), "",
+        "export) plus the overhead the runtime measures when it opens (preprocessing and softmax once per call, "
+        "glue per fragment call); budgets at the minimum (overhead + library + stage 1 of each expert), halfway, and "
+        f"all stages. Target: p50 <= {BUDGET_P50} x budget; p95 is shown, not judged:", "",
+        markdown_table(["query", "budget ms", "stages run", "planned ms", "overhead ms", "p50 ms", "p50 / budget",
+                        "p95 ms", "p95 / budget", "accuracy"], budget_rows), "",
         *figure_links(plots), ""])
 
 

@@ -8,6 +8,11 @@ expert: the library always, then stage 1 of every expert (a query needs all
 its classes), then further stages round-robin while the budget allows - so no
 expert's logits fall far behind the others' in refinement.
 
+A budget covers the whole call, not only the fragments: preprocessing, the
+softmax and the glue between fragments (feeding, dequantising, summing) are
+measured on this device when the runtime opens (:func:`measure_overhead`) and
+counted by the planner as a fixed part plus a part per fragment call.
+
 Early exit is a measured option, not a default: with ``early_exit=P`` a sample
 stops receiving further stages once its composite softmax is at least ``P``.
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,9 +37,27 @@ CALIBRATION_WARMUP = 3
 CALIBRATION_ITERATIONS = 15
 
 
+OVERHEAD_ITERATIONS = 15
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """What a call costs beyond the fragments' interpreters (ms, batch 1): counted by the planner.
+
+    ``fixed_ms``: preprocessing and softmax, once per call; ``per_call_ms``: the
+    glue around each fragment call (feeding, dequantising, summing).
+    """
+
+    fixed_ms: float = 0.0
+    per_call_ms: float = 0.0
+
+
+NO_OVERHEAD = Overhead()
+
+
 @dataclass(frozen=True)
 class StagePlan:
-    """How many stages of each expert run, and the latency the plan expects (fragments only, batch 1)."""
+    """How many stages of each expert run, and the latency the plan expects (batch 1, overhead included)."""
 
     stages: dict[str, int]
     available: dict[str, int]
@@ -42,6 +65,8 @@ class StagePlan:
     budget_ms: float | None = None
     latency_source: str = "manifest"  # or "calibrated" (measured on this device)
     latencies_ms: dict[str, float] = field(default_factory=dict)
+    overhead_fixed_ms: float = 0.0
+    overhead_per_call_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()
@@ -49,14 +74,16 @@ class StagePlan:
 
 
 def plan_stages(library_ms: float, stage_ms: Mapping[str, Sequence[float]], budget_ms: float | None = None,
-                stages: int | None = None) -> tuple[dict[str, int], float]:
-    """Stage count per task and the predicted fragment time.
+                stages: int | None = None, overhead: Overhead = NO_OVERHEAD) -> tuple[dict[str, int], float]:
+    """Stage count per task and the predicted time of the call.
 
     With ``stages=K`` every expert runs ``min(K, S)`` stages.  With ``budget_ms``
     the library and stage 1 of every expert always run (even over budget: the
     query needs every class), then stage 2 of each expert in task order, then
     stage 3, ..., each only if it still fits; an expert whose next stage did not
-    fit gets no later ones.  With neither, every stage runs.
+    fit gets no later ones.  With neither, every stage runs.  ``overhead`` adds
+    its fixed part once and its per-call part to every fragment call (library
+    included), so a budget is spent on what the caller waits for.
     """
     if budget_ms is not None and stages is not None:
         raise ValueError("give a latency budget or a stage count, not both")
@@ -69,12 +96,13 @@ def plan_stages(library_ms: float, stage_ms: Mapping[str, Sequence[float]], budg
         chosen = {t: min(stages or len(stage_ms[t]), len(stage_ms[t])) for t in tasks}
     else:
         chosen = {t: 1 for t in tasks}
-        total = library_ms + sum(stage_ms[t][0] for t in tasks)
+        total = overhead.fixed_ms + library_ms + sum(stage_ms[t][0] for t in tasks) \
+            + overhead.per_call_ms * (1 + len(tasks))
         growing = [t for t in tasks if len(stage_ms[t]) > 1]
         level = 2
         while growing:
             for task in list(growing):
-                cost = stage_ms[task][level - 1]
+                cost = stage_ms[task][level - 1] + overhead.per_call_ms
                 if total + cost <= budget_ms:
                     chosen[task] = level
                     total += cost
@@ -83,7 +111,9 @@ def plan_stages(library_ms: float, stage_ms: Mapping[str, Sequence[float]], budg
                 else:
                     growing.remove(task)
             level += 1
-    predicted = library_ms + sum(sum(stage_ms[t][:chosen[t]]) for t in tasks)
+    calls = 1 + sum(chosen.values())
+    predicted = overhead.fixed_ms + library_ms + sum(sum(stage_ms[t][:chosen[t]]) for t in tasks) \
+        + overhead.per_call_ms * calls
     return chosen, predicted
 
 
@@ -117,6 +147,30 @@ def measure_latencies(runners: Sequence[Runner], library: Runner, encoded: np.nd
     return out
 
 
+def measure_overhead(composer: "AnytimeComposer", pre: Callable[[], np.ndarray], post: Callable[[np.ndarray], Any],
+                     warmup: int = CALIBRATION_WARMUP, iterations: int = OVERHEAD_ITERATIONS) -> Overhead:
+    """Median cost of ``pre`` (encode one image) + ``post`` (softmax, labels), and of the glue per fragment call.
+
+    ``composer`` should run every stage, so the glue is averaged over as many
+    calls as possible: (call time - time inside the interpreters) / calls.
+    """
+    fixed, glue = [], []
+    for i in range(warmup + iterations):
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        encoded = pre()
+        t1 = time.perf_counter()
+        logits = composer(encoded, timings)
+        t2 = time.perf_counter()
+        post(logits)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            fixed.append((t1 - t0 + t3 - t2) * 1000.0)
+            calls = 1 + sum(composer.counts)
+            glue.append(max(0.0, (t2 - t1 - sum(timings.values())) * 1000.0) / calls)
+    return Overhead(float(np.median(fixed)), float(np.median(glue)))
+
+
 class AnytimeComposer:
     """Sums the planned stages of every expert; optionally stops refining confident samples early."""
 
@@ -140,6 +194,24 @@ class AnytimeComposer:
         return AnytimeComposer(by_id[self.library.fragment.id],
                                [[by_id[r.fragment.id] for r in rs] for rs in self.stage_runners], self.counts,
                                self.order, self.early_exit, self.plan)
+
+    def with_counts(self, counts: Sequence[int], plan: StagePlan | None = None) -> "AnytimeComposer":
+        """The same runners with other stage counts (e.g. every stage, to measure the overhead)."""
+        return AnytimeComposer(self.library, self.stage_runners, counts, self.order, self.early_exit, plan)
+
+    def replanned(self, overhead: Overhead) -> "AnytimeComposer":
+        """This composer's budget planned again with ``overhead`` counted (latencies as already found)."""
+        plan = self.plan
+        if plan is None or plan.budget_ms is None:
+            return self
+        tasks = list(plan.available)  # selection order
+        lat = plan.latencies_ms
+        stage_ms = {t: [lat.get(r.fragment.id, 0.0) for r in rs] for t, rs in zip(tasks, self.stage_runners)}
+        chosen, predicted = plan_stages(lat.get(self.library.fragment.id, 0.0), stage_ms, plan.budget_ms, None,
+                                        overhead)
+        new = StagePlan(chosen, plan.available, predicted, plan.budget_ms, plan.latency_source, plan.latencies_ms,
+                        overhead.fixed_ms, overhead.per_call_ms)
+        return self.with_counts([chosen[t] for t in tasks], new)
 
     def _stage(self, task: int, stage: int, raw: np.ndarray, timings: dict[str, float] | None) -> np.ndarray:
         runner = self.stage_runners[task][stage]

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .anytime import AnytimeComposer, StagePlan, open_composer
+from .anytime import AnytimeComposer, Overhead, StagePlan, measure_overhead, open_composer
 from .authenticity import Authenticity, authenticate
 from .backends import Backend, resolve_backend
 from .encoding import InputEncoder
@@ -103,13 +103,15 @@ class Runtime:
     def open(cls, bundle_dir: str | Path, tasks: QueryLike, backend: str = "auto",
              precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
              max_batch: int = DEFAULT_MAX_BATCH, stages: int | None = None, budget_ms: float | None = None,
-             early_exit: float | None = None, calibrate: bool = False,
+             early_exit: float | None = None, calibrate: bool = False, overhead: Overhead | None = None,
              public_key: Any = None, warmup: bool = False) -> "Runtime":
         """Verify and load the library and the experts of ``tasks`` (a :class:`Query`, ``"a,b"`` or a list).
 
         Progressive bundles (experts as stages) run every stage unless ``stages`` (a count) or
         ``budget_ms`` (fragment latency at batch 1, from the manifest or, with ``calibrate``,
         measured here) says fewer; ``early_exit`` stops refining samples whose softmax reaches it.
+        A budget counts preprocessing, softmax and the glue between fragments too: ``overhead`` gives them, or
+        (None) they are measured here on blank images when a budget is given.
         A fetched bundle's manifest must match its saved signed manifest, whose signature is checked with
         ``public_key`` (an Ed25519 key or PEM path) or the bundle's pinned key.  Every interpreter runs once
         at load; ``warmup`` also runs the whole pipeline (:meth:`warmup`).
@@ -134,6 +136,8 @@ class Runtime:
         if manifest.staged or stages is not None or budget_ms is not None or early_exit is not None or calibrate:
             composer = open_composer(manifest, selection, runners, stages, budget_ms, early_exit, calibrate)
         runtime = cls(root, manifest, selection, chosen, runners, max_batch, composer)
+        if budget_ms is not None and composer is not None:
+            runtime.composer = composer.replanned(overhead or runtime.measure_overhead())
         runtime.authenticity = auth
         runtime.load_options = {"threads": num_threads, "providers": providers}
         if warmup:
@@ -154,6 +158,15 @@ class Runtime:
                           composer)
         twin.authenticity, twin.load_options = self.authenticity, dict(opts)
         return twin
+
+    def measure_overhead(self) -> Overhead:
+        """Preprocessing + softmax, and the glue per fragment call, on blank images with every stage running."""
+        if self.composer is None:
+            return Overhead()
+        c = self.composer
+        every = AnytimeComposer(c.library, c.stage_runners, [len(r) for r in c.stage_runners], c.order)
+        blank = np.zeros((1, *self.manifest.preprocessing.input_shape), dtype=np.uint8)
+        return measure_overhead(every, lambda: self.encode(blank, "NHWC"), self.prediction)
 
     def warmup(self, iterations: int = 3, batch: int = 1) -> None:
         """Run the whole pipeline on blank images so the first real frame does not pay for first-call setup."""

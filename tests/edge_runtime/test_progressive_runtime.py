@@ -13,7 +13,7 @@ import torch
 
 from converters.errors import ConvertError
 from converters.fuse import fuse_query
-from edge_runtime.anytime import plan_stages
+from edge_runtime.anytime import Overhead, plan_stages
 from edge_runtime.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from edge_runtime.runners import native_info_muted
 from edge_runtime.runtime import Runtime
@@ -89,6 +89,11 @@ def test_planner_spends_the_budget_round_robin():
     assert plan_stages(2.0, lat) == ({"a": 3, "b": 3, "c": 1}, 7.0)
     # an expert whose next stage does not fit gets no later one, even if that would fit
     assert plan_stages(0.0, {"a": [1.0, 3.0, 0.1]}, budget_ms=2.0) == ({"a": 1}, 1.0)
+    # preprocessing + softmax (fixed) and glue per fragment call count against the budget
+    over = Overhead(fixed_ms=0.5, per_call_ms=0.1)
+    assert plan_stages(2.0, lat, budget_ms=0.1, overhead=over) == ({"a": 1, "b": 1, "c": 1}, pytest.approx(5.9))
+    assert plan_stages(2.0, lat, budget_ms=6.55, overhead=over) == ({"a": 2, "b": 1, "c": 1}, pytest.approx(6.5))
+    assert plan_stages(2.0, lat, overhead=over) == ({"a": 3, "b": 3, "c": 1}, pytest.approx(8.3))
     for kwargs, message in [(dict(budget_ms=0), "positive"), (dict(stages=0), ">= 1"),
                             (dict(budget_ms=1, stages=1), "not both")]:
         with pytest.raises(ValueError, match=message):
@@ -104,11 +109,25 @@ def test_budget_plans_fewer_stages_within_the_budget(progressive_fragments, imag
     lat = full.plan.latencies_ms
     minimum = lat["library.tflite.int8"] + sum(lat[f"expert.{t}.stage1.tflite.int8"] for t in ALL.split(","))
     budget = minimum + 0.5 * (full.plan.predicted_ms - minimum)  # room for about half the later stages
-    runtime = _open(bundle, precision="int8", budget_ms=budget, calibrate=calibrate)
+    # the overhead is given, not measured: the plan is then a function of the latencies alone
+    runtime = _open(bundle, precision="int8", budget_ms=budget, calibrate=calibrate, overhead=Overhead())
     plan = runtime.plan
     assert plan.latency_source == ("calibrated" if calibrate else "manifest")
     assert plan.predicted_ms <= budget and 1 < sum(plan.stages.values()) / len(plan.stages) < STAGES
     assert runtime.predict(images[:4], "NHWC").logits.shape == full.predict(images[:4], "NHWC").logits.shape
+
+
+def test_budget_counts_the_measured_overhead(progressive_fragments):
+    """Without ``overhead`` the runtime measures it and the plan counts it (no timing asserted)."""
+    bundle, _ = progressive_fragments
+    plan = _open(bundle, precision="int8", budget_ms=1000.0).plan
+    assert plan.overhead_fixed_ms > 0 and plan.overhead_per_call_ms >= 0
+    lat = plan.latencies_ms
+    calls = 1 + sum(plan.stages.values())
+    fragments = sum(v for k, v in lat.items() if k == "library.tflite.int8" or
+                    any(k == f"expert.{t}.stage{i}.tflite.int8" for t, n in plan.stages.items() for i in range(1, n + 1)))
+    assert plan.predicted_ms == pytest.approx(plan.overhead_fixed_ms + fragments + calls * plan.overhead_per_call_ms)
+    assert plan.to_json()["overhead_fixed_ms"] == round(plan.overhead_fixed_ms, 4)
 
 
 def test_early_exit_is_an_option_with_the_expected_extremes(progressive_fragments, images):
