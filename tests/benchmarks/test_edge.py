@@ -24,8 +24,14 @@ def test_edge_section_measures_the_tiny_bundle(tiny_pool_dir, tiny_fragments, tm
     fp32 = [a for a in result["accuracy"] if a["precision"] == "fp32"]
     assert max(a["composed_max_abs_logit_error"] for a in fp32) < 1e-3  # the runtime reproduces torch
     claims = [h["claim"] for h in result["headline"]]
-    assert claims[0] == "TFLite int8 composed vs oracle fp32, 1 thread (worst query)" and len(claims) == 5
-    assert all(isinstance(h["met"], bool) for h in result["headline"][:4])
+    assert claims[0] == "TFLite composed vs oracle at the same precision, 1 thread (worst query): int8 vs int8"
+    assert len(claims) == 8 and "LiteRT/XNNPACK FullyConnected int8" in claims[6]
+    assert all(isinstance(result["headline"][i]["met"], bool) for i in (0, 3, 4, 5))
+    for row in result["latency"]:  # each backend and precision against its own probe, oracle at the same precision
+        assert row["gemm_probe"]["gops"] > 0 and row["fraction_of_peak"] > 0
+        assert row["gemm_probe"]["name"].startswith("LiteRT" if row["format"] == "tflite" else "ONNX Runtime")
+        assert row["speedup_vs_oracle_same_precision"] == row["latency_ms"]["oracle"]["p50"] / \
+            row["latency_ms"]["composed"]["p50"]
     report = (tmp_path / "edge" / "report.md").read_text()
     assert report.startswith("# Edge: composed fragments vs fused graph vs oracle")
     assert "| footwear,tops | tflite | int8 | 1 |" in report
