@@ -1,15 +1,17 @@
-"""Query vs training: PoE's train-free composition against per-query baselines trained on the query's classes.
+"""Query vs training: PoE's train-free composition against per-query baselines trained to PoE's accuracy.
 
-For each composite query, PoE's consolidation time (modules in memory, and
-cold: pool.json, sha256 checks and weights read from disk) and accuracy on the
-query's test images, against three baselines with the *same* architecture
-(library + the query's expert heads) trained on the query's training images
-with pool_builder's loops (``benchmarks/baselines.py``): from scratch, KD and
-CKD from the oracle.  Each baseline is evaluated several times per epoch; the
-report gives its time to reach PoE's accuracy (or the best it reached), its
-final accuracy, and the ratio of that time to PoE's query time (the paper's
-claim: realtime vs minutes).  Writes ``<out>/query_vs_training/`` (result.json,
-report.md, PNG plots).
+For each composite query, PoE's query time (*warm*: modules in memory; *cold*:
+pool.json, sha256 checks and weights read from disk, then compose) and
+accuracy on the query's test images, against four baselines trained on the
+query's training images with pool_builder's loops (``benchmarks/baselines.py``):
+from scratch, KD and CKD from the oracle (PoE's architecture, fresh weights),
+and Transfer (the pool's library frozen, new heads).  Each baseline trains
+until it reaches PoE's accuracy or an epoch cap, is repeated with different
+seeds, and is timed in CPU seconds with fixed torch threads
+(``benchmarks/time_to_accuracy.py`` says why).  The headline is the fastest
+baseline's median time over PoE's cold query time (and, shown beside it, the
+warm time).  Writes ``<out>/query_vs_training/`` (result.json, report.md, PNG
+plots).
 
     python benchmarks/query_vs_training.py --pool runs/demo/pool --out runs/bench --quick
     python benchmarks/query_vs_training.py --pool runs/full/pool --out runs/full/bench      # full schedule
@@ -18,7 +20,6 @@ report.md, PNG plots).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,19 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.baselines import BASELINES, Distillation, QueryData, same_architecture, train_baseline  # noqa: E402
+from benchmarks.baselines import BASELINES  # noqa: E402
 from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose, describe_machine,  # noqa: E402
                                figure_links, machine, markdown_table, print_report, profile_settings,
                                pyplot, ratio_text, SectionConfig, render_section, require_pool,
                                run_main, save_figure, section_parser)
+from benchmarks.time_to_accuracy import TrainingPlan, measure_query, query_data  # noqa: E402
 from pool_builder.stages.cache import open_cache, read_record  # noqa: E402
-from pool_builder.pool.consolidate import consolidate  # noqa: E402
 from pool_builder.data.datasets import Dataset, load_dataset  # noqa: E402
 from pool_builder.pool.evaluate import Evaluator, predict_logits  # noqa: E402
-from pool_builder.models.wrn import count_parameters  # noqa: E402
 from pool_builder.pool.loader import Pool  # noqa: E402
-from pool_builder.distillation.training import TrainConfig  # noqa: E402
-from pool_builder.stages.engine import seed_stage  # noqa: E402
 
 SECTION = "query_vs_training"
 TARGET_RATIO = 10_000.0
@@ -55,25 +53,28 @@ class QueryBenchConfig(SectionConfig):
     data_dir: str | None = None
     queries: tuple[str, ...] = ()
     baselines: tuple[str, ...] = tuple(BASELINES)
-    epochs: int = 2
-    evals_per_epoch: int = 2
-    repeats: int = 21  # consolidations timed per query (median reported)
-    threads: int = 2
+    cap_epochs: int = 2  # a baseline that has not reached PoE's accuracy by then is reported as not reached
+    evals_per_epoch: int = 4
+    train_repeats: int = 3  # runs per baseline (different seeds): median and spread
+    repeats: int = 21  # warm consolidations timed per query (median reported)
+    cold_repeats: int = 5
+    threads: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.evals_per_epoch < 1 or self.repeats < 1 or self.threads < 1:
-            raise BenchError("epochs, evals per epoch, repeats and threads must be >= 1")
+        if min(self.cap_epochs, self.evals_per_epoch, self.repeats, self.cold_repeats, self.threads) < 1:
+            raise BenchError("cap epochs, evals per epoch, repeats and threads must be >= 1")
+        if self.train_repeats < 1:
+            raise BenchError("train repeats must be >= 1 (3 or more for a median with a spread)")
         if len(self.queries) < 1:
             raise BenchError("name at least one query")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # ~4 min on 2 cores with the quick pool: five small composite queries, two epochs per baseline
-    "quick": dict(queries=("bottoms,bags", "footwear,bags", "footwear,bottoms", "footwear,bottoms,bags",
-                           "footwear,tops"), epochs=2, evals_per_epoch=2),
+    # one two-task query, 4 baselines x 3 repeats capped at 2 epochs: about 5 CPU minutes (1 thread)
+    "quick": dict(queries=("bottoms,bags",), cap_epochs=2, evals_per_epoch=4, train_repeats=3),
     "full": dict(queries=("footwear,tops", "bottoms,bags", "tops,bottoms,footwear", "tops,footwear,bottoms,bags",
-                          "footwear,bags", "tops,bottoms"), epochs=10, evals_per_epoch=2),
+                          "footwear,bags", "tops,bottoms"), cap_epochs=20, evals_per_epoch=4, train_repeats=3),
 }
 
 
@@ -97,73 +98,8 @@ def train_oracle_logits(pool: Pool, data: Dataset) -> np.ndarray:
     return predict_logits(pool.oracle(), data.train.images, pool.normalizer)
 
 
-def cold_query_ms(pool_dir: Path, tasks: Sequence[str], repeats: int = 3) -> float:
-    """Open the pool afresh and compose: pool.json, sha256 of every file used, weights from disk."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        consolidate(Pool.open(pool_dir), tasks)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def fastest(baselines: dict[str, dict[str, Any]], poe_s: float) -> dict[str, Any]:
-    """The baseline that reached PoE's accuracy soonest, and PoE's speed-up over it.
-
-    When none reached it, every baseline would need more than its whole run,
-    so the shortest whole run over PoE's time is a lower bound of the ratio.
-    """
-    reached = {n: b for n, b in baselines.items() if b["time_to_poe_s"] is not None}
-    if reached:
-        name = min(reached, key=lambda n: reached[n]["time_to_poe_s"])
-        seconds = reached[name]["time_to_poe_s"]
-        return {"baseline": name, "seconds": seconds, "ratio": seconds / poe_s, "lower_bound": False}
-    seconds = min(b["train_s"] for b in baselines.values())
-    return {"baseline": None, "seconds": seconds, "ratio": seconds / poe_s, "lower_bound": True}
-
-
-def run_query(index: int, query: str, pool: Pool, data: Dataset, oracle_train: np.ndarray, evaluator: Evaluator,
-              cfg: QueryBenchConfig) -> dict[str, Any]:
-    """PoE and every baseline on one query."""
-    hierarchy, settings = pool.hierarchy, pool.meta.build["settings"]
-    tasks = hierarchy.resolve_query(query)
-    report = evaluator.query(tasks, repeats=cfg.repeats)
-    union = hierarchy.union_class_ids(tasks)
-    train_rows = np.flatnonzero(np.isin(data.train.labels, union))
-    test_rows = np.flatnonzero(np.isin(data.test.labels, union))
-    qdata = QueryData(union, data.train.images[train_rows], data.train.labels[train_rows], oracle_train[train_rows],
-                      data.test.images[test_rows], data.test.labels[test_rows], pool.normalizer)
-    poe = {"accuracy": report.poe_accuracy, "oracle_accuracy": report.oracle_accuracy,
-           "consolidation_ms": report.consolidation_ms, "cold_query_ms": cold_query_ms(pool.dir, tasks),
-           "parameters": report.poe_parameters, "cross_expert_error_share": report.cross_expert_error_share}
-    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=int(settings["batch_size"]), lr=float(settings["lr"]),
-                            seed=cfg.seed + index)
-    distill = Distillation(float(settings["temperature"]), float(settings["alpha"]))
-    student = pool.library().cfg
-    widths = {t: float(pool.meta.experts[t].architecture["width_factor"]) for t in tasks}
-    baselines = {}
-    for name in cfg.baselines:
-        seed_stage(cfg.seed, index)  # every baseline of a query starts from the same weights
-        model = same_architecture(student, {t: hierarchy.class_ids(t) for t in tasks}, widths)
-        curve = train_baseline(name, model, qdata, train_cfg, distill, cfg.evals_per_epoch)
-        reach, before = curve.time_to_reach(report.poe_accuracy)
-        accs = [p["accuracy"] for p in curve.points]
-        baselines[name] = {"label": BASELINES[name][0], "parameters": count_parameters(model),
-                           "final_accuracy": accs[-1], "best_accuracy": max(accs),
-                           "train_s": curve.points[-1]["train_s"], "cpu_s": curve.points[-1]["cpu_s"],
-                           "time_to_poe_s": reach,
-                           "not_yet_at_s": before if reach is not None else None, "curve": curve.points}
-        _log(f"  {query:<24} {name:<8} final {100 * accs[-1]:6.2f}% (PoE {100 * report.poe_accuracy:.2f}%), "
-             f"trained {curve.points[-1]['train_s']:.1f}s, reached PoE's accuracy: "
-             + (f"after {reach:.1f}s" if reach is not None else "no"))
-    return {"query": query, "tasks": list(tasks), "classes": report.classes, "train_images": len(train_rows),
-            "test_images": len(test_rows), "poe": poe, "baselines": baselines,
-            "fastest": fastest(baselines, poe["consolidation_ms"] / 1000.0),
-            "fastest_cold": fastest(baselines, poe["cold_query_ms"] / 1000.0)}
 
 
 def run(cfg: QueryBenchConfig) -> dict[str, Any]:
@@ -176,34 +112,50 @@ def run(cfg: QueryBenchConfig) -> dict[str, Any]:
     data = pool_dataset(pool, cfg.data_dir)
     oracle_train = train_oracle_logits(pool, data)
     evaluator = Evaluator(pool, data.test)
-    _log(f"query vs training: pool {pool.meta.pool_id}, {len(cfg.queries)} queries x {len(cfg.baselines)} baselines, "
-         f"{cfg.epochs} epochs each")
-    queries = [run_query(i, q, pool, data, oracle_train, evaluator, cfg) for i, q in enumerate(cfg.queries)]
+    plan = TrainingPlan(cfg.baselines, cfg.cap_epochs, cfg.evals_per_epoch, cfg.train_repeats, cfg.seed)
+    _log(f"query vs training: pool {pool.meta.pool_id}, {len(cfg.queries)} queries x {len(cfg.baselines)} baselines "
+         f"x {cfg.train_repeats} repeats, to PoE's accuracy or {cfg.cap_epochs} epochs, {cfg.threads} torch thread(s)")
+    queries = []
+    for i, q in enumerate(cfg.queries):
+        qdata = query_data(pool, q, data.train.images, data.train.labels, oracle_train, data.test.images,
+                           data.test.labels)
+        queries.append(measure_query(i, q, pool, qdata, evaluator, plan, cfg.repeats, cfg.cold_repeats, _log))
     return {"config": asdict(cfg), "pool_id": pool.meta.pool_id, "pool_settings": pool.meta.build["settings"],
+            "pool_epochs": {k: pool.meta.build["settings"].get(k)
+                            for k in ("oracle_epochs", "library_epochs", "expert_epochs")},
             "machine": asdict(host), "load_average_after": list(os.getloadavg()),
             "seconds": round(time.perf_counter() - started, 1), "queries": queries}
 
 
 # --------------------------------------------------------------------------- report
 
+def _ratio(f: dict[str, Any]) -> str:
+    text = ratio_text(f["ratio"], f["lower_bound"])
+    if f.get("ratio_range"):
+        low, high = f["ratio_range"]
+        text += f" ({ratio_text(low)}-{ratio_text(high)})"
+    return text
+
+
 def headlines(result: dict[str, Any]) -> list[Headline]:
-    worst = min(result["queries"], key=lambda q: q["fastest"]["ratio"])
-    ratio = worst["fastest"]
-    reached = sum(b["time_to_poe_s"] is not None for q in result["queries"] for b in q["baselines"].values())
-    total = sum(len(q["baselines"]) for q in result["queries"])
-    gaps = [100 * (q["poe"]["accuracy"] - max(b["final_accuracy"] for b in q["baselines"].values()))
-            for q in result["queries"]]
-    epochs = result["config"]["epochs"]
+    """Judged on the cold query time (what a device pays); the warm ratio is shown, not judged."""
+    worst = min(result["queries"], key=lambda q: q["fastest_cold"]["ratio"])
+    cold, warm = worst["fastest_cold"], worst["fastest_warm"]
+    runs = [r for q in result["queries"] for b in q["baselines"].values() for r in b["runs"]]
+    reached = sum(r["reached"] for r in runs)
+    cap = result["config"]["cap_epochs"]
+    who = cold["baseline"] or "none reached PoE's accuracy"
     return [
-        Headline("PoE query time vs fastest baseline reaching PoE's accuracy (worst query)",
-                 f"{ratio_text(ratio['ratio'], ratio['lower_bound'])} ({worst['query']})", f">= {TARGET_RATIO:,.0f}x",
+        Headline(f"fastest baseline's median CPU time to PoE's accuracy over PoE's cold query time "
+                 f"(load pool + compose), worst query; {who}",
+                 f"{_ratio(cold)} ({worst['query']})", f">= {TARGET_RATIO:,.0f}x",
                  # a lower bound under the target says nothing either way
-                 True if ratio["ratio"] >= TARGET_RATIO else (None if ratio["lower_bound"] else False),
-                 round(ratio["ratio"], 1)),
-        Headline(f"baselines reaching PoE's accuracy within {epochs} epochs", f"{reached} of {total}", "-", None,
+                 True if cold["ratio"] >= TARGET_RATIO else (None if cold["lower_bound"] else False),
+                 round(cold["ratio"], 1)),
+        Headline("the same over PoE's warm query time (modules in memory)", f"{_ratio(warm)} ({worst['query']})",
+                 "-", None, round(warm["ratio"], 1)),
+        Headline(f"baseline runs reaching PoE's accuracy within {cap} epochs", f"{reached} of {len(runs)}", "-", None,
                  float(reached)),
-        Headline(f"PoE accuracy minus best baseline's final accuracy ({epochs} epochs)",
-                 f"{min(gaps):+.2f} to {max(gaps):+.2f} points", "-", None, round(min(gaps), 2)),
     ]
 
 
@@ -215,48 +167,62 @@ def _secs(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} s"
 
 
+def _reach(s: dict[str, Any]) -> str:
+    if s["median_cpu_s"] is None:
+        return f"not reached ({s['reached']} of {s['repeats']} runs did)"
+    spread = f"{s['min_cpu_s']:.1f}-{s['max_cpu_s']:.1f}"
+    return f"{s['median_cpu_s']:.1f} s ({spread}; {s['reached']} of {s['repeats']} reached)"
+
+
 def markdown(result: dict[str, Any], plots: list[str]) -> str:
-    cfg, m = result["config"], result["machine"]
+    cfg, m, ps = result["config"], result["machine"], result["pool_settings"]
     summary = []
     for q in result["queries"]:
-        f, p = q["fastest"], q["poe"]
-        who = f"{f['baseline']}, {f['seconds']:.1f} s" if f["baseline"] else f"none (shortest run {f['seconds']:.1f} s)"
+        p, fc, fw = q["poe"], q["fastest_cold"], q["fastest_warm"]
+        who = (f"{fc['baseline']}, {fc['seconds']:.1f} s" if fc["baseline"]
+               else f"none (shortest median run {fc['seconds']:.1f} s)")
         summary.append([q["query"], len(q["classes"]), f"{q['train_images']:,}", f"{q['test_images']:,}",
-                        _pct(p["accuracy"]), _pct(p["oracle_accuracy"]), f"{p['consolidation_ms']:.3f}",
-                        f"{p['cold_query_ms']:.1f}", who, ratio_text(f["ratio"], f["lower_bound"]),
-                        ratio_text(q["fastest_cold"]["ratio"], q["fastest_cold"]["lower_bound"])])
+                        _pct(p["accuracy"]), _pct(p["oracle_accuracy"]), f"{p['warm']['ms']:.3f}",
+                        f"{p['cold']['ms']:.1f}", who, _ratio(fc), _ratio(fw)])
     detail = []
     for q in result["queries"]:
         for name in cfg["baselines"]:
-            b = q["baselines"][name]
-            reach = (f"{b['time_to_poe_s']:.1f} s (after {b['not_yet_at_s']:.1f} s: not yet)"
-                     if b["time_to_poe_s"] is not None else f"not reached (best {_pct(b['best_accuracy'])})")
-            detail.append([q["query"], name, reach, _pct(b["final_accuracy"]), _pct(b["best_accuracy"]),
-                           f"{_secs(b['train_s'])} ({_secs(b['cpu_s'])} CPU)", f"{b['parameters']:,}",
-                           f"{q['poe']['parameters']:,}"])
+            s = q["baselines"][name]["summary"]
+            detail.append([q["query"], name, _reach(s), _pct(s["median_final_accuracy"]), _pct(s["best_accuracy"]),
+                           _secs(s["median_run_cpu_s"]), f"{s['trainable_parameters']:,} / {s['parameters']:,}"])
     labels = "; ".join(f"`{n}`: {label}" for n, (label, _t) in BASELINES.items() if n in cfg["baselines"])
+    epochs = result.get("pool_epochs", {})
     return "\n".join([
         "# Query vs training", "",
-        f"Pool `{result['pool_id']}` (`{cfg['pool']}`); "
+        f"Pool `{result['pool_id']}` (`{cfg['pool']}`; built with {epochs.get('oracle_epochs')} oracle, "
+        f"{epochs.get('library_epochs')} library and {epochs.get('expert_epochs')} expert epochs); "
         f"{describe_machine(m, cfg['threads'], result['load_average_after'])}. Whole run {result['seconds']:.0f} s.",
         "",
-        f"Baselines ({labels}) have PoE's architecture for the query (library + its expert heads, same parameter "
-        f"count) and train on the pool's training images of the query's classes for {cfg['epochs']} epochs "
-        f"(batch {result['pool_settings']['batch_size']}, lr {result['pool_settings']['lr']}, cosine schedule), "
-        f"evaluated {cfg['evals_per_epoch']} times per epoch on the query's test images. Their times are pure "
-        "training: the oracle's logits come precomputed and evaluation stops the clock, both in their favour. "
-        f"PoE's time is the median of {cfg['repeats']} consolidations with library and experts in memory; "
-        "*cold* also opens the pool, checks sha256 and reads the weights from disk (median of 3).", "",
+        f"Baselines ({labels}) train on the pool's training images of the query's classes (batch "
+        f"{ps['batch_size']}, lr {ps['lr']}, cosine schedule over the cap) until they reach PoE's accuracy on the "
+        f"same test images or the cap of {cfg['cap_epochs']} epochs, evaluated {cfg['evals_per_epoch']} times per "
+        f"epoch; each is run {cfg['train_repeats']} times (different seeds). Times are CPU seconds "
+        "(`time.process_time`) of pure training with "
+        f"{cfg['threads']} torch thread(s): the oracle's logits come precomputed and evaluation stops the clock, both "
+        "in the baselines' favour. Scratch, KD and CKD have PoE's architecture with fresh weights; Transfer starts "
+        "from the pool's trained library (frozen) and trains new heads, so its time excludes the library's own "
+        "training. PoE's *warm* time is the median of "
+        f"{cfg['repeats']} compositions with library and experts in memory; *cold* opens the pool, checks sha256 "
+        f"and reads the weights (page cache warm after the first), median of {cfg['cold_repeats']}; each is the "
+        "larger of its wall and CPU medians. A ratio is the fastest baseline's median time over PoE's (range: "
+        "fastest and slowest repeat); `>` marks a lower bound when no baseline's median reached PoE's accuracy.", "",
         markdown_table(["query", "classes", "train imgs", "test imgs", "PoE acc", "oracle (restricted)",
-                        "PoE ms", "PoE cold ms", "fastest baseline to PoE acc", "ratio", "ratio (cold)"], summary),
-        "", "Per baseline (time to PoE's accuracy: first evaluation at or above it, and the evaluation before):", "",
-        markdown_table(["query", "baseline", "time to PoE's accuracy", "final acc", "best acc", "trained",
-                        "params", "PoE params"], detail),
+                        "PoE warm ms", "PoE cold ms", "fastest baseline (median CPU)", "ratio (cold)",
+                        "ratio (warm)"], summary),
+        "", "Per baseline (time to PoE's accuracy: median CPU seconds over the repeats, range of those that "
+        "reached it):", "",
+        markdown_table(["query", "baseline", "CPU time to PoE's accuracy", "median final acc", "best acc",
+                        "median run (CPU)", "trained / total params"], detail),
         "", *figure_links(plots), ""])
 
 
 def plot(result: dict[str, Any], out: Path) -> list[str]:
-    """Accuracy over training time per query (log time, PoE as a point), and time-to-accuracy bars."""
+    """Accuracy over CPU time per query (first repeat of each baseline, PoE's cold time as a point), and bars."""
     plt = pyplot()
     if plt is None:
         return []
@@ -268,22 +234,23 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 def _curves(plt: Any, queries: list[dict[str, Any]], names: list[str], path: Path) -> str:
     cols = min(3, len(queries))
     rows = -(-len(queries) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, q in zip(axes.flat, queries):
         poe = q["poe"]
-        for name in names:
-            b = q["baselines"][name]
-            xs = [max(p["train_s"], 1e-3) for p in b["curve"]]
-            ax.plot(xs, [100 * p["accuracy"] for p in b["curve"]], marker="o", ms=3, label=f"baseline: {name}")
-        ax.scatter([poe["consolidation_ms"] / 1000.0], [100 * poe["accuracy"]], marker="*", s=140, color="k",
-                   zorder=5, label="PoE (consolidation)")
+        for k, name in enumerate(names):
+            for r, run in enumerate(q["baselines"][name]["runs"]):
+                xs = [max(p["cpu_s"], 1e-3) for p in run["curve"]]
+                ax.plot(xs, [100 * p["accuracy"] for p in run["curve"]], marker="o", ms=2, color=f"C{k}",
+                        alpha=1.0 if r == 0 else 0.35, label=f"baseline: {name}" if r == 0 else None)
+        ax.scatter([poe["cold"]["ms"] / 1000.0], [100 * poe["accuracy"]], marker="*", s=140, color="k",
+                   zorder=5, label="PoE (cold query)")
         ax.axhline(100 * poe["accuracy"], color="k", ls="--", lw=0.8, label="PoE accuracy")
         ax.axhline(100 * poe["oracle_accuracy"], color="grey", ls=":", lw=0.8, label="oracle (restricted)")
         ax.set_xscale("log")
         ax.set_title(q["query"], fontsize=10)
-        ax.set_xlabel("seconds (training; PoE: consolidation)", fontsize=8)
+        ax.set_xlabel("CPU seconds (training; PoE: cold query)", fontsize=8)
         ax.set_ylabel("test accuracy %", fontsize=8)
-        lowest = min(p["accuracy"] for b in q["baselines"].values() for p in b["curve"])
+        lowest = min(p["accuracy"] for b in q["baselines"].values() for r in b["runs"] for p in r["curve"])
         ax.set_ylim(max(0.0, 100 * lowest - 5), 101)
     spare = list(axes.flat)[len(queries):]
     for ax in spare:
@@ -292,26 +259,26 @@ def _curves(plt: Any, queries: list[dict[str, Any]], names: list[str], path: Pat
     if spare:
         spare[0].legend(handles, labels, loc="center", fontsize=9)
     else:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+        axes.flat[0].legend(handles, labels, loc="lower right", fontsize=7)
     return save_figure(fig, path)
 
 
 def _bars(plt: Any, queries: list[dict[str, Any]], names: list[str], path: Path) -> str:
     height = 0.8 / (len(names) + 1)
-    fig, ax = plt.subplots(figsize=(8, 0.9 * len(queries) + 1.4))
+    fig, ax = plt.subplots(figsize=(8, 0.9 * len(queries) + 1.6))
     for i, q in enumerate(queries):
-        ax.barh(i, q["poe"]["consolidation_ms"] / 1000.0, height, color="k", label="PoE (consolidation)" if i == 0
-                else None)
+        ax.barh(i, q["poe"]["cold"]["ms"] / 1000.0, height, color="k", label="PoE (cold query)" if i == 0 else None)
         for k, name in enumerate(names, 1):
-            b = q["baselines"][name]
-            reached = b["time_to_poe_s"] is not None
-            ax.barh(i + k * height, b["time_to_poe_s"] if reached else b["train_s"], height, color=f"C{k - 1}",
-                    hatch=None if reached else "///", alpha=1.0 if reached else 0.45,
-                    label=f"baseline: {name}" if i == 0 else None)
+            s = q["baselines"][name]["summary"]
+            reached = s["median_cpu_s"] is not None
+            value = s["median_cpu_s"] if reached else s["median_run_cpu_s"]
+            err = None if not reached else [[value - s["min_cpu_s"]], [s["max_cpu_s"] - value]]
+            ax.barh(i + k * height, value, height, xerr=err, color=f"C{k - 1}", hatch=None if reached else "///",
+                    alpha=1.0 if reached else 0.45, label=f"baseline: {name}" if i == 0 else None)
     ax.set_yticks([i + height * len(names) / 2 for i in range(len(queries))], [q["query"] for q in queries])
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("seconds to reach PoE's accuracy (log); hatched: not reached, whole run shown")
+    ax.set_xlabel("median CPU seconds to PoE's accuracy (log; whiskers: range); hatched: not reached, whole run")
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)
 
@@ -325,9 +292,11 @@ def parser() -> BenchArgumentParser:
     ap.add_argument("--data-dir")
     ap.add_argument("--queries", help="queries separated by ';', e.g. 'footwear,tops;bottoms,bags'")
     ap.add_argument("--baselines", help=f"comma-separated, from: {', '.join(BASELINES)}")
-    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--cap-epochs", type=int, help="epochs after which a baseline counts as not reaching PoE")
     ap.add_argument("--evals-per-epoch", type=int)
-    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--train-repeats", type=int, help="runs per baseline (different seeds)")
+    ap.add_argument("--repeats", type=int, help="warm compositions timed")
+    ap.add_argument("--cold-repeats", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--seed", type=int)
     return ap

@@ -8,7 +8,7 @@ import pytest
 from ..conftest import ROOT, run_cli_env
 
 CASES = [
-    (["benchmarks/query_vs_training.py", "--baselines", "scratch,transfer"], "valid baselines: scratch, kd, ckd"),
+    (["benchmarks/query_vs_training.py", "--baselines", "scratch,finetune"], "valid baselines: scratch, kd, ckd, transfer"),
     (["benchmarks/run_all.py", "--sections", "edge,latency"],
      "valid sections: query_vs_training, build_throughput, scale_ablation, edge, progressive"),
     (["benchmarks/scale_ablation.py", "--alphas", "0,x"], "--alphas must be comma-separated numbers"),
