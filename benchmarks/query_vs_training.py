@@ -59,10 +59,12 @@ class QueryBenchConfig(SectionConfig):
     repeats: int = 21  # warm consolidations timed per query (median reported)
     cold_repeats: int = 5
     threads: int = 1
+    workers: int = 1  # baseline runs trained at once (spawned processes, ``threads`` each)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.cap_epochs, self.evals_per_epoch, self.repeats, self.cold_repeats, self.threads) < 1:
+        if min(self.cap_epochs, self.evals_per_epoch, self.repeats, self.cold_repeats, self.threads,
+               self.workers) < 1:
             raise BenchError("cap epochs, evals per epoch, repeats and threads must be >= 1")
         if self.train_repeats < 1:
             raise BenchError("train repeats must be >= 1 (3 or more for a median with a spread)")
@@ -72,8 +74,8 @@ class QueryBenchConfig(SectionConfig):
 
 PROFILES: dict[str, dict[str, Any]] = {
     # one two-task query, 4 baselines x 3 repeats capped at 3 epochs (a run stops once it reaches PoE):
-    # at most ~10 CPU minutes (1 thread) when no baseline reaches PoE's accuracy early
-    "quick": dict(queries=("bottoms,bags",), cap_epochs=3, evals_per_epoch=4, train_repeats=3),
+    # at most ~12 CPU minutes (1 thread) when no baseline reaches PoE's accuracy early; 2 runs at once
+    "quick": dict(queries=("bottoms,bags",), cap_epochs=3, evals_per_epoch=4, train_repeats=3, workers=2),
     "full": dict(queries=("footwear,tops", "bottoms,bags", "tops,bottoms,footwear", "tops,footwear,bottoms,bags",
                           "footwear,bags", "tops,bottoms"), cap_epochs=20, evals_per_epoch=4, train_repeats=3),
 }
@@ -113,7 +115,8 @@ def run(cfg: QueryBenchConfig) -> dict[str, Any]:
     data = pool_dataset(pool, cfg.data_dir)
     oracle_train = train_oracle_logits(pool, data)
     evaluator = Evaluator(pool, data.test)
-    plan = TrainingPlan(cfg.baselines, cfg.cap_epochs, cfg.evals_per_epoch, cfg.train_repeats, cfg.seed)
+    plan = TrainingPlan(cfg.baselines, cfg.cap_epochs, cfg.evals_per_epoch, cfg.train_repeats, cfg.seed,
+                        cfg.workers, cfg.threads)
     _log(f"query vs training: pool {pool.meta.pool_id}, {len(cfg.queries)} queries x {len(cfg.baselines)} baselines "
          f"x {cfg.train_repeats} repeats, to PoE's accuracy or {cfg.cap_epochs} epochs, {cfg.threads} torch thread(s)")
     queries = []
@@ -204,7 +207,8 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         f"same test images or the cap of {cfg['cap_epochs']} epochs, evaluated {cfg['evals_per_epoch']} times per "
         f"epoch; each is run {cfg['train_repeats']} times (different seeds). Times are CPU seconds "
         "(`time.process_time`) of pure training with "
-        f"{cfg['threads']} torch thread(s): the oracle's logits come precomputed and evaluation stops the clock, both "
+        f"{cfg['threads']} torch thread(s) ({cfg.get('workers', 1)} run(s) at a time, each in its own process): the "
+        "oracle's logits come precomputed and evaluation stops the clock, both "
         "in the baselines' favour. Scratch, KD and CKD have PoE's architecture with fresh weights; Transfer starts "
         "from the pool's trained library (frozen) and trains new heads, so its time excludes the library's own "
         "training. PoE's *warm* time is the median of "
@@ -299,6 +303,7 @@ def parser() -> BenchArgumentParser:
     ap.add_argument("--repeats", type=int, help="warm compositions timed")
     ap.add_argument("--cold-repeats", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--workers", type=int, help="baseline runs trained at once, each in its own process")
     ap.add_argument("--seed", type=int)
     return ap
 
