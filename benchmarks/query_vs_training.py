@@ -186,8 +186,9 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         who = (f"{fc['baseline']}, {fc['seconds']:.1f} s" if fc["baseline"]
                else f"none (shortest median run {fc['seconds']:.1f} s)")
         summary.append([q["query"], len(q["classes"]), f"{q['train_images']:,}", f"{q['test_images']:,}",
-                        _pct(p["accuracy"]), _pct(p["oracle_accuracy"]), f"{p['warm']['ms']:.3f}",
-                        f"{p['cold']['ms']:.1f}", who, _ratio(fc), _ratio(fw)])
+                        _pct(p["accuracy"]), _pct(p["oracle_accuracy"]),
+                        f"{p['warm']['cpu_ms']:.3f} ({p['warm']['wall_ms']:.3f})",
+                        f"{p['cold']['cpu_ms']:.1f} ({p['cold']['wall_ms']:.1f})", who, _ratio(fc), _ratio(fw)])
     detail = []
     for q in result["queries"]:
         for name in cfg["baselines"]:
@@ -213,11 +214,12 @@ def markdown(result: dict[str, Any], plots: list[str]) -> str:
         "from the pool's trained library (frozen) and trains new heads, so its time excludes the library's own "
         "training. PoE's *warm* time is the median of "
         f"{cfg['repeats']} compositions with library and experts in memory; *cold* opens the pool, checks sha256 "
-        f"and reads the weights (page cache warm after the first), median of {cfg['cold_repeats']}; each is the "
-        "larger of its wall and CPU medians. A ratio is the fastest baseline's median time over PoE's (range: "
+        f"and reads the weights (page cache warm after the first), median of {cfg['cold_repeats']}. Ratios divide "
+        "CPU time by CPU time (PoE's wall times are in the table: on a loaded machine they include scheduling "
+        "delay). A ratio is the fastest baseline's median time over PoE's (range: "
         "fastest and slowest repeat); `>` marks a lower bound when no baseline's median reached PoE's accuracy.", "",
         markdown_table(["query", "classes", "train imgs", "test imgs", "PoE acc", "oracle (restricted)",
-                        "PoE warm ms", "PoE cold ms", "fastest baseline (median CPU)", "ratio (cold)",
+                        "PoE warm CPU ms (wall)", "PoE cold CPU ms (wall)", "fastest baseline (median CPU)", "ratio (cold)",
                         "ratio (warm)"], summary),
         "", "Per baseline (time to PoE's accuracy: median CPU seconds over the repeats, range of those that "
         "reached it):", "",
