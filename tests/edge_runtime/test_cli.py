@@ -100,8 +100,8 @@ def test_bench_writes_a_record_other_boards_can_be_gathered_with(tiny_fragments,
     (["run", "--tasks", "tops", "{bundle}/manifest.json"], "unknown file type .json"),
     (["run", "--tasks", "tops", "--layout", "NCHW", "{npy}"], "read as NCHW"),
     (["bench", "--tasks", "tops", "--threads", "0"], "threads must be positive"),
-    (["run", "--tasks", "tops", "--backend", "onnxruntime", "--precision", "fp16", "{npy}"],
-     "no onnx fp16 fragments; onnx precisions present: fp32, int8"),
+    (["run", "--tasks", "tops", "--backend", "onnxruntime", "--provider", "cuda", "{npy}"],
+     "onnxruntime provider CUDAExecutionProvider is not available here; available:"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_fragments, images_npy, args, message):
     bundle = tiny_fragments[0]
