@@ -138,6 +138,14 @@ def report(r: dict[str, Any]) -> str:
                 cells = [by[(pset, precision, batch, p)] for p in PATHS]
                 rows.append(f"| {pset} | {precision} | {batch} | " + " | ".join(
                     f"{c['p50_ms_per_image']:.4f}" for c in cells) + f" | {cells[0]['p50_ms_per_call']:.3f} |")
+    ratios = {(x["providers"], x["batch"]): [] for x in r["results"]}
+    for (pset, precision, batch, path), x in by.items():
+        if path != "composed_host":
+            ratios[(pset, batch)].append((path, x["p50_ms_per_call"] / by[(pset, precision, batch, "composed_host")]
+                                          ["p50_ms_per_call"]))
+    ratio_lines = [f"  - {pset}, batch {batch}: " + ", ".join(
+        f"{PATH_NAMES[p]} {min(v for q, v in rs if q == p):.2f}-{max(v for q, v in rs if q == p):.2f}x"
+        for p in PATHS[1:]) for (pset, batch), rs in sorted(ratios.items())]
     worst_bound = max(c["iobinding_vs_host_max_abs"] for c in r["checks"])
     worst_fused = max(c["fused_vs_composed_max_abs"] for c in r["checks"])
     gpu_line = ("" if r["gpu_measured"] else
@@ -164,11 +172,16 @@ Median ms **per image** (p50 of calls / batch); last column the host-copy path's
 
 - Same numbers on every path: I/O binding against host copies differs by at most {worst_bound:.2g} (max |logit|
   difference over all cells), the fused graph against the composition by at most {worst_fused:.2g}.
-- On the CPU, I/O binding can only save the copy of one numpy array per batch (the features already live in
-  host memory), so the two composed paths should be within noise of each other; what it removes on a GPU -
-  a device-to-host copy of the features and one host-to-device copy per expert - does not exist here.
-- fp16 on a CPU is not a speed-up: onnxruntime's x86 CPU kernels are float32, so fp16 graphs run with casts
-  around every node (its insert-cast transformer). fp16 is there for GPUs (CUDA, TensorRT) and for size.
+- Time per call relative to composed with host copies (range over precisions):
+{chr(10).join(ratio_lines)}
+- On the CPU, I/O binding has nothing to save (the features already live in host memory): what the rows show
+  is its own cost here (binding calls, outputs allocated per run, the logits copied out) plus this shared
+  machine's noise. What it removes on a GPU - a device-to-host copy of the features and one host-to-device
+  copy per expert - does not exist here, so these rows say nothing about its value on a Jetson; it stays off
+  by default until it is measured there.
+- fp16 on a CPU is no speed-up: onnxruntime's x86 optimizer turns the fp16 graph back into float32 (float16
+  weights, float32 activations), so it costs what fp32 costs. fp16 is there for GPUs (CUDA, TensorRT,
+  where activations are float16 too) and for size (half the bytes).
 """
 
 

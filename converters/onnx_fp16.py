@@ -11,9 +11,10 @@ the seam tensor never leaves the device (``edge_runtime/device_compose.py``).
 
 The conversion is onnxruntime's own ``onnxruntime.transformers.float16`` (the
 copy of onnxconverter-common that ships in the onnxruntime wheel), so no
-dependency is added.  On a CPU, onnxruntime runs float16 nodes it has no kernel
-for by casting around them (its insert-cast transformer): weights and the values
-between nodes are rounded to float16 as on a GPU, accumulation is float32.
+dependency is added.  On an x86 CPU, onnxruntime's optimizer turns the graph back
+into float32 (the casts it inserts around nodes without float16 kernels are then
+removed): the CPU - and so the export's accuracy gate - sees float16-rounded
+weights with float32 activations; a GPU also rounds activations (docs/converters.md).
 """
 
 from __future__ import annotations

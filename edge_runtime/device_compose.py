@@ -44,6 +44,8 @@ class BoundComposer:
         lib, binding = self.library, self._lib_binding
         start = time.perf_counter()
         binding.bind_cpu_input(lib.input.name, np.ascontiguousarray(encoded))
+        # Outputs are bound by device on every call: once run, a binding holds the value it allocated and its
+        # shape, so reusing it for another batch size fails.
         binding.bind_output(lib.output.name, self.device, self.device_id)
         lib.session.run_with_iobinding(binding)
         features = binding.get_outputs()[0]  # an OrtValue on self.device: not copied to the host
