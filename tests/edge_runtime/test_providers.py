@@ -17,7 +17,7 @@ from edge_runtime import Runtime
 from edge_runtime.device_compose import BoundComposer
 from edge_runtime.manifest import read_manifest
 from edge_runtime.providers import (ProviderError, available_providers, check_started, configure_session,
-                                    parse_providers, provider_options, trt_cache_dir)
+                                    explain_session_error, parse_providers, provider_options, trt_cache_dir)
 from tests.conftest import ROOT, run_cli_env
 
 QUERY = "footwear,tops"
@@ -140,6 +140,19 @@ def test_a_provider_that_did_not_start_is_an_error_unless_cpu_was_asked_for(caps
         check_started(_Session(["CPUExecutionProvider"]), ("CUDAExecutionProvider",), "lib")
     check_started(_Session(["CPUExecutionProvider"]), ("CUDAExecutionProvider", "CPUExecutionProvider"), "lib")
     assert "warning: CUDAExecutionProvider did not start" in capsys.readouterr().err
+
+
+def test_onnxruntime_refusals_about_providers_become_one_clear_line():
+    strict = ("CUDAExecutionProvider",)
+    refused = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session contains graph nodes that are assigned to "
+                           "the default CPU EP, but fallback to CPU EP has been explicitly disabled by the user.")
+    message = str(explain_session_error(refused, strict, "library.onnx.fp16"))
+    assert message == ("fragment 'library.onnx.fp16' has nodes CUDAExecutionProvider cannot run; add cpu to let "
+                       "onnxruntime run them on the CPU (--provider cuda,cpu)")
+    broken = RuntimeError("Failed to load library libonnxruntime_providers_cuda.so: libcudnn.so.9: not found")
+    assert "CUDAExecutionProvider failed to start for fragment 'x': Failed to load library" in \
+        str(explain_session_error(broken, strict, "x"))
+    assert explain_session_error(RuntimeError("InvalidProtobuf: damaged"), strict, "x") is None
 
 
 def test_tensorrt_caches_its_engines_per_fragment_inside_the_bundle(tmp_path):
