@@ -131,10 +131,10 @@ class Runtime:
             raise ValueError("give a latency budget (budget_ms) or a stage count (stages), not both")
         query = Query.parse(tasks)  # a malformed query fails before any file is read
         providers = parse_providers(providers)
-        if providers is not None:
+        if providers is not None or io_binding:
             if backend == "auto":
-                backend = "onnxruntime"  # the only interpreter with execution providers
-            elif backend != "onnxruntime":
+                backend = "onnxruntime"  # the only interpreter with execution providers and I/O binding
+            elif backend != "onnxruntime" and providers is not None:
                 raise ProviderError(f"execution providers apply to the onnxruntime backend only, not {backend} "
                                     f"(TFLite interpreters run on the CPU): use --backend onnxruntime")
         root = Path(bundle_dir)
