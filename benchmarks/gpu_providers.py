@@ -146,6 +146,10 @@ def report(r: dict[str, Any]) -> str:
     ratio_lines = [f"  - {pset}, batch {batch}: " + ", ".join(
         f"{PATH_NAMES[p]} {min(v for q, v in rs if q == p):.2f}-{max(v for q, v in rs if q == p):.2f}x"
         for p in PATHS[1:]) for (pset, batch), rs in sorted(ratios.items())]
+    fp16 = [by[(k[0], "fp16", k[2], k[3])]["p50_ms_per_call"] / x["p50_ms_per_call"]
+            for k, x in by.items() if k[1] == "fp32" and (k[0], "fp16", k[2], k[3]) in by]
+    batching = [by[(k[0], k[1], max(cfg["batches"]), k[3])]["p50_ms_per_image"] / x["p50_ms_per_image"]
+                for k, x in by.items() if k[2] == min(cfg["batches"]) and max(cfg["batches"]) > k[2]]
     worst_bound = max(c["iobinding_vs_host_max_abs"] for c in r["checks"])
     worst_fused = max(c["fused_vs_composed_max_abs"] for c in r["checks"])
     gpu_line = ("" if r["gpu_measured"] else
@@ -155,7 +159,7 @@ def report(r: dict[str, Any]) -> str:
                 "(docs/devices.md#jetson) and add its JSON beside this one.\n\n")
     return f"""# ONNX execution providers (Jetson issue): composed vs I/O binding vs fused
 
-Data: [jetson.json](jetson.json). Script: `python benchmarks/gpu_providers.py --bundle {cfg['bundle']}
+Data: [jetson.json](jetson.json). Script: `python benchmarks/gpu_providers.py --bundle BUNDLE
 --tasks {cfg['tasks']} --threads {cfg['threads']}`.
 
 {gpu_line}**Conditions.** Bundle: {cfg['bundle']}; query `{cfg['tasks']}`; onnxruntime, {cfg['threads']} intra-op
@@ -179,9 +183,13 @@ Median ms **per image** (p50 of calls / batch); last column the host-copy path's
   machine's noise. What it removes on a GPU - a device-to-host copy of the features and one host-to-device
   copy per expert - does not exist here, so these rows say nothing about its value on a Jetson; it stays off
   by default until it is measured there.
-- fp16 on a CPU is no speed-up: onnxruntime's x86 optimizer turns the fp16 graph back into float32 (float16
-  weights, float32 activations), so it costs what fp32 costs. fp16 is there for GPUs (CUDA, TensorRT,
-  where activations are float16 too) and for size (half the bytes).
+- fp16 against fp32, same path and batch: {min(fp16):.2f}-{max(fp16):.2f}x the time per call. On an x86 CPU
+  onnxruntime's optimizer turns the fp16 graph back into float32 (float16 weights, float32 activations: seen
+  in its optimized model), so no speed-up is expected from fp16 here and the differences are this machine's
+  noise between cells measured at different times. fp16 is there for GPUs (CUDA, TensorRT, where
+  activations are float16 too) and for size (about half the bytes).
+- Batch {max(cfg['batches'])} against batch {min(cfg['batches'])}, per image: {min(batching) if batching else 0:.2f}-{max(batching) if batching else 0:.2f}x
+  (one intra-op thread on a loaded 2-core machine; not investigated further).
 """
 
 
