@@ -108,6 +108,7 @@ def test_onnx_fp16_keeps_float32_at_the_edges_and_follows_fp32():
     sources = backend.sources(library, {"tops": ExpertUnit("tops", None, expert)}, (1, 8, 8), (4, 4, 4))
     for key, x in ((None, cal.images_nchw), ("tops", cal.features_nchw)):
         fp16 = backend.fragment_bytes("fp16", key, sources[key], None)
+        assert backend.fragment_bytes("fp16", key, sources[key], None) == fp16  # same graph, same bytes
         backend.check(fp16, "fp16 fragment")
         model = onnx.load_from_string(fp16)
         elem = onnx.TensorProto.FLOAT

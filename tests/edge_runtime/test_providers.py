@@ -6,6 +6,7 @@ onnxruntime has the CUDAExecutionProvider (a Jetson with JetPack's onnxruntime-g
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,13 @@ def onnx_fragments(tmp_path_factory) -> Path:
     converters' own ONNX backend and manifest classes.  Training a pool takes minutes on a loaded 2-core
     machine; what these tests check (providers, fp16 against fp32, I/O binding against host copies, fused
     against composed) needs no trained weights.  The trained path is test_runtime.py (onnxruntime fp16
-    against torch) and test_export.py (the fp16 variant in the manifest)."""
+    against torch) and test_export.py (the fp16 variant in the manifest).
+
+    ``POE_TEST_ONNX_BUNDLE=DIR`` uses an exported bundle instead (ONNX fp32 and fp16 of a pool with the tasks
+    bags, footwear, tops), so a Jetson can run ``pytest -m gpu`` without torch or the converters.
+    """
+    if os.environ.get("POE_TEST_ONNX_BUNDLE"):
+        return Path(os.environ["POE_TEST_ONNX_BUNDLE"])
     import torch
     from torch import nn
 
@@ -239,6 +246,25 @@ def test_fused_fp16_graph_equals_the_composition(onnx_fragments, images, tmp_pat
     logits = session.run(None, {rt.library.input.name: rt.encode(images)})[0]
     assert fused.class_ids == rt.classes
     np.testing.assert_allclose(logits, rt.predict(images).logits, atol=1e-5)
+
+
+def test_gpu_providers_benchmark_runs_on_any_machine_and_says_what_it_measured(onnx_fragments, tmp_path):
+    import json
+
+    from benchmarks.gpu_providers import main
+
+    out = tmp_path / "jetson"
+    assert main(["--bundle", str(onnx_fragments), "--providers", "cpu", "--batches", "1,3", "--seconds", "0.05",
+                 "--rounds", "1", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["provider_sets_measured"] == ["cpu"] and record["gpu_measured"] is False
+    assert {(r["precision"], r["batch"], r["path"]) for r in record["results"]} == {
+        (p, b, path) for p in ("fp32", "fp16") for b in (1, 3)
+        for path in ("composed_host", "composed_iobinding", "fused")}
+    assert all(c["iobinding_vs_host_max_abs"] == 0.0 for c in record["checks"])
+    assert all(c["fused_vs_composed_max_abs"] < 1e-4 for c in record["checks"])
+    text = out.with_suffix(".md").read_text()
+    assert "**No GPU was measured.**" in text and f"Commit {record['machine']['commit']}" in text
 
 
 # ----------------------------------------------------------------- on a GPU only (pytest -m gpu on a Jetson)
