@@ -122,7 +122,7 @@ def explain_session_error(exc: BaseException, providers: Sequence[str], fragment
     """A ProviderError when onnxruntime refused the session because of the provider list, else None."""
     text = " ".join(str(exc).split())
     if "fallback to CPU EP has been explicitly disabled" in text:
-        short = ",".join(k for k, v in PROVIDERS.items() if v in providers)
+        short = ",".join(k for p in providers for k, v in PROVIDERS.items() if v == p)  # the user's order
         return ProviderError(f"fragment {fragment_id!r} has nodes {', '.join(providers)} cannot run; add cpu to let "
                              f"onnxruntime run them on the CPU (--provider {short},cpu)")
     gpu = [p for p in providers if p in GPU_PROVIDERS]
