@@ -150,6 +150,7 @@ def report(r: dict[str, Any]) -> str:
             for k, x in by.items() if k[1] == "fp32" and (k[0], "fp16", k[2], k[3]) in by]
     batching = [by[(k[0], k[1], max(cfg["batches"]), k[3])]["p50_ms_per_image"] / x["p50_ms_per_image"]
                 for k, x in by.items() if k[2] == min(cfg["batches"]) and max(cfg["batches"]) > k[2]]
+    batch_range = f"{min(batching):.2f}-{max(batching):.2f}x" if batching else "(one batch size only)"
     worst_bound = max(c["iobinding_vs_host_max_abs"] for c in r["checks"])
     worst_fused = max(c["fused_vs_composed_max_abs"] for c in r["checks"])
     gpu_line = ("" if r["gpu_measured"] else
@@ -188,7 +189,7 @@ Median ms **per image** (p50 of calls / batch); last column the host-copy path's
   in its optimized model), so no speed-up is expected from fp16 here and the differences are this machine's
   noise between cells measured at different times. fp16 is there for GPUs (CUDA, TensorRT, where
   activations are float16 too) and for size (about half the bytes).
-- Batch {max(cfg['batches'])} against batch {min(cfg['batches'])}, per image: {min(batching) if batching else 0:.2f}-{max(batching) if batching else 0:.2f}x
+- Batch {max(cfg['batches'])} against batch {min(cfg['batches'])}, per image: {batch_range}
   (one intra-op thread on a loaded 2-core machine; not investigated further).
 """
 

@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     if has_cuda:
         return
-    skip = pytest.mark.skip(reason="no CUDAExecutionProvider in this onnxruntime (GPU tests: pytest -m gpu on a Jetson)")
+    skip = pytest.mark.skip(reason="no CUDAExecutionProvider in this onnxruntime "
+                                   "(GPU tests: pytest -m gpu on a Jetson)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
