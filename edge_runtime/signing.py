@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,8 +131,8 @@ EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def format_expiry(epoch_seconds: float) -> str:
-    """ISO-8601 UTC with a ``Z``, to the second: ``2026-12-04T17:45:00Z``."""
-    return datetime.fromtimestamp(int(epoch_seconds), tz=timezone.utc).strftime(EXPIRY_FORMAT)
+    """ISO-8601 UTC with a ``Z``, rounded up to the second: ``2026-12-04T17:45:00Z``."""
+    return datetime.fromtimestamp(math.ceil(epoch_seconds), tz=timezone.utc).strftime(EXPIRY_FORMAT)
 
 
 def parse_expiry(value: Any) -> float:

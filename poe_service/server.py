@@ -7,7 +7,9 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``POST /v1/fused``: ``{"tasks": [...], "precision": "fp32"}`` -> one fused ONNX model, cached per query;
 - ``GET``/``HEAD /v1/fragments/{sha256}``: content-addressed bytes with ETag (304) and Range (206, 416).
 
-Every 4xx answer is JSON ``{"error": "...", "valid": [...]}``.
+Every 4xx answer is JSON ``{"error": "...", "valid": [...]}`` (405 also carries ``Allow``).  Abuse limits
+(head size and header count -> 431, request deadline -> 408, concurrency -> 503, keep-alive) are uvicorn
+settings where uvicorn has one and :mod:`poe_service.http_guard` where it has none.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``) at

@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -49,11 +50,12 @@ def fetch_json(url: str, bundle: Path, tasks: str, key: Path, *extra) -> dict:
 class Server:
     """`poe-service serve --port 0 --port-file F` in a subprocess; stopped by its own pid."""
 
-    def __init__(self, fragments: Path, work: Path, key: Path | None, version_file: Path | None = None) -> None:
+    def __init__(self, fragments: Path, work: Path, key: Path | None, version_file: Path | None = None,
+                 extra: tuple = ()) -> None:
         work.mkdir(parents=True, exist_ok=True)
         port_file, self.log = work / "port", work / "server.log"
         args = ["serve", "--fragments", fragments, "--port", "0", "--port-file", port_file,
-                "--cache-dir", work / "cache"]
+                "--cache-dir", work / "cache", *extra]
         args += ["--key", key] if key else []
         args += ["--version-file", version_file] if version_file else []
         with open(self.log, "w") as log:
@@ -268,14 +270,20 @@ def test_fragments_are_content_addressed_with_etag_and_range(server, tiny_fragme
     (json.dumps({"tasks": ["tops"], "format": "tflite", "precision": "int4"}).encode(), 400, "unknown precision"),
     (json.dumps({"tasks": ["tops"], "colour": 1}).encode(), 400, "unknown field"),
     (json.dumps({"tasks": ["tops"] * 5000}).encode(), 413, "larger than the limit"),
+    (b"[" * 8000 + b"]" * 8000, 400, "nested too deeply"),
+    (b'{"tasks": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b'{"tasks": NaN}', 400, "NaN is not a valid JSON number"),
+    (b'{"tasks": ["tops"], "format": 1e999}', 400, "out of range"),
 ])
 def test_bad_requests_get_a_4xx_json_body(server, body, code, message):
-    status, headers, answer = server.request("POST", "/v1/query", body, {"Content-Type": "application/json"})
-    error = json.loads(answer)
-    assert status == code and headers["content-type"] == "application/json"
-    assert message in error["error"] and isinstance(error["valid"], list)
-    if "unknown task" in message:
-        assert error["valid"] == ["bags", "bottoms", "footwear", "tops"]
+    for endpoint in ("/v1/query", "/v1/fused"):
+        status, headers, answer = server.request("POST", endpoint, body, {"Content-Type": "application/json"})
+        error = json.loads(answer)
+        assert status == code and headers["content-type"] == "application/json", answer
+        assert message in error["error"] and isinstance(error["valid"], list)
+        if "unknown task" in message:
+            assert error["valid"] == ["bags", "bottoms", "footwear", "tops"]
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_unknown_task_from_the_device_is_one_line_exit_2(server, keys, tmp_path):
@@ -412,3 +420,174 @@ def test_server_refuses_a_corrupt_fragment_directory(tiny_fragments, keys, tmp_p
 def test_serve_bad_arguments_are_one_line_exit_2(tiny_fragments, args, message):
     done = _run("poe_service", "serve", "--fragments", tiny_fragments[0], "--port", "0", *args)
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+# --------------------------------------------------------------------------- abuse: limits, timeouts, concurrency
+
+STRICT = ("--request-timeout", "1", "--max-concurrency", "3", "--max-header-bytes", "4096", "--max-headers", "20",
+          "--manifest-ttl", "3")
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_fragments, keys, tmp_path_factory):
+    """A server with tight limits on its own copy of the fragments (a test flips a file in it)."""
+    work = tmp_path_factory.mktemp("strict")
+    fragments = shutil.copytree(tiny_fragments[0], work / "fragments")
+    with running(fragments, work, keys[0], extra=STRICT) as srv:
+        srv.fragments = fragments
+        yield srv
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes (as much as the server takes before it closes) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before taking everything: the point of the limit
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def test_a_huge_header_is_refused_with_431_without_growing_the_server(strict):
+    before = _rss_kib(strict.proc.pid)
+    answer = _raw(strict.port, b"GET /v1/pool HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"exceed 4096 bytes" in answer and answer.split(b"\r\n\r\n", 1)[1].startswith(b'{"error"')
+    assert _rss_kib(strict.proc.pid) - before < 8 * 1024  # nothing near 16 MB was buffered
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(30))
+    answer = _raw(strict.port, b"GET /v1/pool HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"more than 20 header fields" in answer
+    assert strict.request("GET", "/v1/pool")[0] == 200  # and it still serves everyone else
+
+
+def test_a_half_sent_request_is_timed_out_with_408(strict):
+    start = time.monotonic()
+    for partial in (b"GET /v1/pool HTTP/1.1\r\nHost: x\r\n",  # head never finished
+                    b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ta"):  # body never finished
+        with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
+            sock.sendall(partial)
+            answer = sock.recv(65536)
+            assert sock.recv(65536) == b""  # and the connection is closed
+        if partial.startswith(b"GET"):
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 1 s" in answer, answer
+    assert time.monotonic() - start < 8
+
+
+def test_connections_beyond_the_concurrency_limit_get_503(strict):
+    idle = [socket.create_connection(("127.0.0.1", strict.port), timeout=10) for _ in range(3)]
+    try:
+        status, _, _ = strict.request("GET", "/v1/pool")
+        assert status == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)
+    assert strict.request("GET", "/v1/pool")[0] == 200
+
+
+def test_405_answers_carry_allow(server):
+    for method, path, allow in (("GET", "/v1/query", "POST"), ("POST", "/v1/pool", "GET"),
+                                ("PUT", "/v1/fused", "POST")):
+        status, headers, body = server.request(method, path)
+        assert status == 405 and headers["allow"] == allow, (method, path, headers)
+        assert json.loads(body)["valid"] == [allow]
+
+
+# --------------------------------------------------------------------------- what is served, and signed
+
+def test_fused_model_comes_from_the_verified_copy_and_is_signed(strict, keys):
+    from edge_runtime.signing import verify_signed_bytes
+
+    frag = read_manifest(strict.fragments).fragment("expert", "onnx", "fp32", "bags")
+    path = strict.fragments / frag.file
+    path.write_bytes(bytes([path.read_bytes()[0] ^ 1]) + path.read_bytes()[1:])  # flipped on disk after start
+    status, headers, model = strict.request("POST", "/v1/fused", json.dumps({"tasks": ["bags", "tops"]}).encode())
+    assert status == 200, model
+    payload = verify_signed_bytes(model, headers, load_public_key(f"{keys[0]}.pub"))
+    assert payload["tasks"] == ["bags", "tops"] and payload["class_ids"] == [0, 2, 4, 6, 8]
+    with pytest.raises(Exception, match="do not match the sha256"):
+        verify_signed_bytes(model[:-1] + bytes([model[-1] ^ 1]), headers, load_public_key(f"{keys[0]}.pub"))
+
+
+def test_symlinked_fragments_and_the_key_are_never_served(tiny_fragments, keys, tmp_path):
+    bad = shutil.copytree(tiny_fragments[0], tmp_path / "frag")
+    target = bad / read_manifest(bad).fragment("expert", "onnx", "int8", "bags").file
+    target.unlink()
+    target.symlink_to(keys[0])  # a fragment that is the private key
+    done = _run("poe_service", "serve", "--fragments", bad, "--port", "0", "--key", keys[0],
+                "--version-file", tmp_path / "v.json")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "outside the fragment directory" in done.stderr and "expert.bags.onnx.int8" in done.stderr
+
+
+def test_a_private_key_others_can_read_is_refused(tiny_fragments, keys, tmp_path):
+    loose = tmp_path / "loose"
+    shutil.copy(keys[0], loose)
+    loose.chmod(0o644)
+    done = _run("poe_service", "serve", "--fragments", tiny_fragments[0], "--port", "0", "--key", loose)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{loose} is readable by others (mode 0644)" in done.stderr and f"chmod 600 {loose}" in done.stderr
+
+
+# --------------------------------------------------------------------------- expiry, trust, bundles grown over time
+
+def test_expired_manifests_are_refused_by_fetch_but_a_bundle_keeps_running(strict, keys, tmp_path):
+    pub, bundle = f"{keys[0]}.pub", tmp_path / "device"
+    captured = json.loads(strict.request("POST", "/v1/query", json.dumps({**QUERY, "tasks": ["tops"]}).encode())[2])
+    assert captured["payload"]["expires"].endswith("Z")
+    report = fetch_json(strict.url, bundle, "tops", pub)
+    assert report["expires"] >= captured["payload"]["expires"]  # ISO-8601 UTC strings sort by time
+    assert stat.S_IMODE((bundle / "trusted_key.pub").stat().st_mode) == 0o644
+    time.sleep(4.2)  # --manifest-ttl 3 (rounded up to the second): both the captured answer and the bundle's manifest have expired now
+    with proxy_to(strict) as replay:
+        replay.edit_answer = lambda _: captured
+        done = fetch_cli(replay.url, tmp_path / "fresh", "tops", "--public-key", pub)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "expired at" in done.stderr and "--allow-expired" in done.stderr
+        assert fetch_cli(replay.url, tmp_path / "fresh", "tops", "--public-key", pub,
+                         "--allow-expired").returncode == 0
+    ok = _run("edge_runtime", "verify", bundle)  # the pinned key: no --public-key needed; expiry is not checked
+    assert ok.returncode == 0 and "signature verified" in ok.stdout, ok.stderr
+    images = tmp_path / "x.npy"
+    np.save(images, np.zeros((1, 28, 28, 1), np.uint8))
+    assert _run("edge_runtime", "run", "--bundle", bundle, "--tasks", "tops", images).returncode == 0
+
+
+def test_insecure_is_refused_for_a_bundle_that_trusts_a_key(server, keys, tmp_path):
+    bundle = tmp_path / "device"
+    fetch_json(server.url, bundle, "tops", f"{keys[0]}.pub")
+    done = fetch_cli(server.url, bundle, "tops,bags", "--insecure")
+    assert done.returncode == 2 and "--insecure refused" in done.stderr and done.stderr.count("\n") == 1
+    done = fetch_cli(server.url, bundle, "tops,bags", "--public-key", f"{keys[1]}.pub")
+    assert done.returncode == 2 and "trusts key" in done.stderr
+
+
+def test_a_narrower_or_other_variant_fetch_keeps_earlier_experts_verifiable(server, keys, tmp_path):
+    pub, bundle = f"{keys[0]}.pub", tmp_path / "device"
+    fetch_json(server.url, bundle, "footwear,tops", pub)
+    narrower = fetch_json(server.url, bundle, "bags", pub)
+    assert narrower["dropped"] == []
+    fetch_json(server.url, bundle, "tops", pub, "--format", "onnx", "--precision", "fp32")
+    held = sorted(f.id for f in read_manifest(bundle).fragments)
+    assert "expert.footwear.tflite.int8" in held and "expert.bags.tflite.int8" in held and \
+        "expert.tops.onnx.fp32" in held
+    done = _run("edge_runtime", "verify", bundle)
+    assert done.returncode == 0, done.stderr
+    earlier = json.loads((bundle / "signed_earlier.json").read_text())["documents"]
+    assert len(earlier) == 2  # the footwear,tops and the bags answers still vouch for their experts
+    raw = json.loads((bundle / "signed_earlier.json").read_text())
+    raw["documents"][0]["payload"]["class_names"][0] = "edited"
+    (bundle / "signed_earlier.json").write_text(json.dumps(raw))
+    done = _run("edge_runtime", "verify", bundle)
+    assert done.returncode == 2 and "signature does not verify" in done.stderr
