@@ -236,12 +236,12 @@ def open_service(cfg: ServeConfig) -> QueryService:
     """The verified service with its signing key and the version for the fragment set it serves."""
     from edge_runtime.signing import SignatureError, load_private_key
 
-    if cfg.key:
-        check_key_mode(cfg.key)
     try:
         private_key = load_private_key(cfg.key) if cfg.key else None
     except (SignatureError, OSError) as exc:
         raise ServiceError(f"--key: {exc}") from None
+    if cfg.key:
+        check_key_mode(cfg.key)
     manifest = Path(cfg.fragments) / MANIFEST_NAME
     if not manifest.is_file():
         raise ServiceError(f"{manifest} not found: --fragments must be a fragment directory "
