@@ -129,6 +129,7 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
     from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="Pool of Experts query service", version=str(service.version),
                   description=__doc__.split("\n\n", 1)[0])
@@ -163,10 +164,14 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
             raise RequestError(f"request body of {length} bytes is larger than the limit of {max_body_bytes}",
                              status=413)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise RequestError(f"request body is larger than the limit of {max_body_bytes} bytes", status=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise RequestError(f"request body is larger than the limit of {max_body_bytes} bytes",
+                                       status=413)
+        except ClientDisconnect:  # e.g. closed by --request-timeout: nobody is left to answer, and no traceback
+            raise RequestError("the client went away before sending the whole body", status=400) from None
         return bytes(body)
 
     @app.get("/v1/pool", summary="Catalog: tasks, classes, fragments with bytes and measured accuracies",
