@@ -26,6 +26,7 @@ from typing import Any, Callable
 from .atomic_io import LockBusyError, atomic_write_bytes, atomic_write_json, exclusive_lock
 from .download import RetryPolicy, download_blob, request_json, verified_blob
 from .manifest import FORMATS, PRECISIONS, Fragment, Manifest, ManifestError, check_choice, read_manifest
+from .manifest_types import strict_loads
 from .query import Query, QueryError
 from .selection import select
 from .signing import (SignatureError, check_not_expired, key_id, load_public_key, public_key_pem,
@@ -129,9 +130,9 @@ def read_state(bundle: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FetchError(f"{path} is not valid JSON ({exc}); remove the bundle directory to start over") from None
+        state = strict_loads(path.read_bytes(), str(path))
+    except ValueError as exc:  # deep nesting and huge numbers too: one line, never a traceback
+        raise FetchError(f"{exc}; remove the bundle directory to start over") from None
     if not isinstance(state, dict):
         raise FetchError(f"{path} is not a fetch state object; remove the bundle directory to start over")
     return state

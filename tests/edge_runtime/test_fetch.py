@@ -336,3 +336,11 @@ def test_signed_bytes_verify_and_tampering_is_caught(keys):
         verify_signed_bytes(data, headers, other.public_key())
     with pytest.raises(SignatureError, match="no X-Signature header"):
         verify_signed_bytes(data, {k: v for k, v in headers.items() if k != "X-Signature"}, mine.public_key())
+
+
+def test_a_damaged_fetch_state_is_one_line_not_a_traceback(tmp_path):
+    from edge_runtime.fetch import read_state
+
+    (tmp_path / "fetch_state.json").write_bytes(b"[" * 100000)
+    with pytest.raises(FetchError, match="nested too deeply.*start over"):
+        read_state(tmp_path)
