@@ -52,19 +52,16 @@ class FusedModels:
             return hit
 
     def _build(self, query: "ServiceRequest", key: str) -> tuple[bytes, dict[str, str]]:
-        from poe_service.queries import RequestError
-
         svc = self.service
-        if svc.cache_dir is None:
-            raise RequestError("this server has no --cache-dir for fused models", status=404)
         from converters.fuse import fuse_verified  # the server reaches converters only here, lazily
 
         data, tasks, class_ids = fuse_verified(svc.manifest, lambda f: svc.blobs[f.sha256], query.tasks,
                                                query.precision)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "tasks": list(tasks), "class_ids": list(class_ids)}
-        path = svc.cache_dir / "fused" / f"{key}.onnx"  # a copy for the operator; never read back
-        atomic_write_bytes(path, data)
-        atomic_write_json(path.with_suffix(".json"), meta)
+        if svc.cache_dir is not None:
+            path = svc.cache_dir / "fused" / f"{key}.onnx"  # a copy for the operator; never read back
+            atomic_write_bytes(path, data)
+            atomic_write_json(path.with_suffix(".json"), meta)
         payload = {"kind": "fused-onnx", "pool_id": svc.manifest.pool_id, "version": svc.version,
                    "content_sha256": svc.content_sha256, "tasks": list(meta["tasks"]), "precision": query.precision,
                    "class_ids": list(meta["class_ids"]), "sha256": meta["sha256"], "bytes": len(data)}

@@ -187,4 +187,6 @@ class QueryService:
 
     def fused(self, query: ServiceRequest) -> tuple[bytes, dict[str, Any]]:
         """The fused ONNX model of a query and its signed description (see :mod:`poe_service.fused`)."""
+        if self.cache_dir is None:
+            raise RequestError("this server has no --cache-dir for fused models", status=404)
         return self.fused_models.get(query)
