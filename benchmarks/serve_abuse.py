@@ -94,12 +94,12 @@ def attack(port: int, pid: int, send: Callable[[socket.socket], None], wait: flo
             "rss_before_mib": round(before, 1), "rss_after_mib": round(_rss_mib(pid), 1)}
 
 
-def run(fragments: str, serve_args: Sequence[str], wait: float) -> dict[str, Any]:
+def run(fragments: str, serve_args: Sequence[str], wait: float, code: Path = ROOT) -> dict[str, Any]:
     if not (Path(fragments) / "manifest.json").is_file():
         raise BenchError(f"no fragments at {fragments} (manifest.json missing); run `make demo`")
     with tempfile.TemporaryDirectory() as tmp:
         key, port_file, log = Path(tmp) / "key", Path(tmp) / "port", Path(tmp) / "server.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(code)}
         subprocess.run([sys.executable, "-m", "poe_service", "keygen", "--out", str(key)], check=True, env=env,
                        capture_output=True)
         with open(log, "w") as handle:
@@ -121,6 +121,8 @@ def run(fragments: str, serve_args: Sequence[str], wait: float) -> dict[str, Any
             proc.wait(timeout=20)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    if code != ROOT:
+        commit = f"server code from {code} (script at {commit})"
     return {"attacks": results, "tracebacks_in_server_log": tracebacks, "serve_args": list(serve_args),
             "commit": commit, "cpu": cpu_model(), "cores": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -145,13 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `poe-service serve` argument")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for each answer")
+    parser.add_argument("--server-code", default=str(ROOT),
+                        help="run the server from another checkout (e.g. `git archive` of the commit before a fix) "
+                             "for a before/after comparison")
+    parser.add_argument("--name", default=SECTION, help="output folder under --out (default serve_abuse)")
     args = parser.parse_args(argv)
     try:
-        result = run(args.fragments, args.serve_arg, args.wait)
+        result = run(args.fragments, args.serve_arg, args.wait, Path(args.server_code).resolve())
     except BenchError as exc:
         print(f"serve_abuse: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) / SECTION
+    out = Path(args.out) / args.name
     atomic_write_json(out / "result.json", result)
     atomic_write_bytes(out / "report.md", markdown(result).encode())
     print(markdown(result))
