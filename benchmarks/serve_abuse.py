@@ -101,12 +101,13 @@ def run(fragments: str, serve_args: Sequence[str], wait: float, code: Path = ROO
         key, port_file, log = Path(tmp) / "key", Path(tmp) / "port", Path(tmp) / "server.log"
         env = {**os.environ, "PYTHONPATH": str(code)}
         subprocess.run([sys.executable, "-m", "poe_service", "keygen", "--out", str(key)], check=True, env=env,
-                       capture_output=True)
+                       capture_output=True, cwd=code)  # cwd too: `-m` puts it first on sys.path
         with open(log, "w") as handle:
-            proc = subprocess.Popen([sys.executable, "-m", "poe_service", "serve", "--fragments", fragments,
+            proc = subprocess.Popen([sys.executable, "-m", "poe_service", "serve", "--fragments",
+                                     str(Path(fragments).resolve()),
                                      "--key", str(key), "--port", "0", "--port-file", str(port_file),
                                      "--cache-dir", str(Path(tmp) / "cache"), *serve_args],
-                                    stdout=handle, stderr=subprocess.STDOUT, env=env)
+                                    stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=code)
         try:
             deadline = time.monotonic() + 120
             while not port_file.exists():
