@@ -279,6 +279,11 @@ def test_fetch_config_rejects_bad_input(tmp_path):
         FetchConfig(server="file:///etc", tasks=("tops",), bundle=str(tmp_path), insecure=True)
     with pytest.raises(ManifestError, match="invalid task name '../etc'"):
         FetchConfig(server="http://h", tasks="tops,../etc", bundle=str(tmp_path), insecure=True)
+    for bad in ({"deadline": 0}, {"min_rate": -1}, {"timeout": 0}):
+        with pytest.raises(FetchError, match="--deadline and --timeout must be > 0"):
+            FetchConfig(server="http://h", tasks="tops", bundle=str(tmp_path), insecure=True, **bad)
+    policy = FetchConfig(server="http://h", tasks="tops", bundle=str(tmp_path), insecure=True, min_rate=5).policy(7.0)
+    assert (policy.min_rate, policy.deadline_at, policy.rate_window) == (5, 7.0, 10.0)
 
 
 def test_names_and_digests_that_could_leave_a_directory_are_refused():

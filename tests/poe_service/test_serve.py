@@ -1,22 +1,17 @@
 """`poe-service serve` as a real process on an ephemeral loopback port, driven by the real `edge-runtime fetch`.
 
 A small stdlib proxy between the two plays the hostile network: it cuts transfers
-and goes away, tampers with manifests and fragments, and replays old answers.
+and goes away, tampers with manifests and fragments, and replays old answers
+(helpers in ``serving.py``; abuse limits, signed fused models and expiry in
+``test_serve_abuse.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import shutil
-import socket
 import stat
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,165 +20,19 @@ import pytest
 from edge_runtime.manifest import MANIFEST_NAME, read_manifest
 from edge_runtime.signing import load_public_key, verify_document
 
-from ..conftest import ROOT, run_cli_env, serving_in_thread
-
-QUERY = {"tasks": ["footwear", "tops"], "format": "tflite", "precision": "int8"}
-
-
-# --------------------------------------------------------------------------- processes
-
-def _run(module: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=run_cli_env(), cwd=ROOT, timeout=timeout)
-
-
-def fetch_cli(url: str, bundle: Path, tasks: str, *extra) -> subprocess.CompletedProcess:
-    return _run("edge_runtime", "fetch", "--server", url, "--tasks", tasks, "--bundle", bundle, *extra)
-
-
-def fetch_json(url: str, bundle: Path, tasks: str, key: Path, *extra) -> dict:
-    done = fetch_cli(url, bundle, tasks, "--public-key", key, "--json", *extra)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-class Server:
-    """`poe-service serve --port 0 --port-file F` in a subprocess; stopped by its own pid."""
-
-    def __init__(self, fragments: Path, work: Path, key: Path | None, version_file: Path | None = None,
-                 extra: tuple = ()) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        port_file, self.log = work / "port", work / "server.log"
-        args = ["serve", "--fragments", fragments, "--port", "0", "--port-file", port_file,
-                "--cache-dir", work / "cache", *extra]
-        args += ["--key", key] if key else []
-        args += ["--version-file", version_file] if version_file else []
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "poe_service", *map(str, args)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=run_cli_env(), cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def version(self) -> int:
-        return json.loads(self.request("GET", "/v1/pool")[2])["version"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@contextmanager
-def running(*args, **kwargs):
-    server = Server(*args, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
+from .serving import QUERY, _complete_files, _run, fetch_cli, fetch_json, make_keys, proxy_to, running
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
     """Two key pairs made by `poe-service keygen`: the server's and a stranger's."""
-    root = tmp_path_factory.mktemp("keys")
-    for name in ("server", "other"):
-        done = _run("poe_service", "keygen", "--out", root / name)
-        assert done.returncode == 0, done.stderr
-    return root / "server", root / "other"
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_fragments, keys, tmp_path_factory):
     with running(tiny_fragments[0], tmp_path_factory.mktemp("server"), keys[0]) as srv:
         yield srv
-
-
-# --------------------------------------------------------------------------- a hostile network in between
-
-class Proxy(ThreadingHTTPServer):
-    """Forwards to ``upstream``; ``edit_answer(doc)`` rewrites /v1/query answers, ``edit_blob(bytes)`` fragments,
-    ``cut_blobs`` fragment answers stop halfway (and ``then`` runs, e.g. to shut the proxy down)."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: Server) -> None:
-        super().__init__(("127.0.0.1", 0), ProxyHandler)
-        self.upstream, self.edit_answer, self.edit_blob, self.cut_blobs = upstream, None, None, 0
-        self.ranges: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _forward(self, method: str) -> None:
-        proxy: Proxy = self.server  # type: ignore[assignment]
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
-        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "range")}
-        if "Range" in headers:
-            proxy.ranges.append(headers["Range"])
-        status, got_headers, data = proxy.upstream.request(method, self.path, body, headers)
-        if self.path == "/v1/query" and proxy.edit_answer and status == 200:
-            data = json.dumps(proxy.edit_answer(json.loads(data))).encode()
-        blob = self.path.startswith("/v1/fragments/")
-        if blob and proxy.edit_blob:
-            data = proxy.edit_blob(data)
-        self.send_response(status)
-        for name in ("content-type", "content-range", "etag"):
-            if name in got_headers:
-                self.send_header(name, got_headers[name])
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if blob and proxy.cut_blobs > 0:
-            proxy.cut_blobs -= 1
-            self.wfile.write(data[:len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._forward("GET")
-
-    def do_POST(self) -> None:
-        self._forward("POST")
-
-
-def proxy_to(upstream: Server):
-    return serving_in_thread(Proxy(upstream))
-
-
-def _complete_files(bundle: Path) -> list[str]:
-    """What a device could mistake for finished: everything except *.partial and hidden temporaries."""
-    if not bundle.exists():
-        return []
-    return sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")
-                  if p.is_file() and not p.name.endswith(".partial") and not p.name.startswith("."))
 
 
 # --------------------------------------------------------------------------- tests
@@ -422,146 +271,12 @@ def test_serve_bad_arguments_are_one_line_exit_2(tiny_fragments, args, message):
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
-# --------------------------------------------------------------------------- abuse: limits, timeouts, concurrency
-
-STRICT = ("--request-timeout", "1", "--max-concurrency", "3", "--max-header-bytes", "4096", "--max-headers", "20",
-          "--manifest-ttl", "3")
-
-
-@pytest.fixture(scope="module")
-def strict(tiny_fragments, keys, tmp_path_factory):
-    """A server with tight limits on its own copy of the fragments (a test flips a file in it)."""
-    work = tmp_path_factory.mktemp("strict")
-    fragments = shutil.copytree(tiny_fragments[0], work / "fragments")
-    with running(fragments, work, keys[0], extra=STRICT) as srv:
-        srv.fragments = fragments
-        yield srv
-
-
-def _rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-
-
-def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes (as much as the server takes before it closes) and read the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before taking everything: the point of the limit
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-    return answer
-
-
-def test_a_huge_header_is_refused_with_431_without_growing_the_server(strict):
-    before = _rss_kib(strict.proc.pid)
-    answer = _raw(strict.port, b"GET /v1/pool HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert b"exceed 4096 bytes" in answer and answer.split(b"\r\n\r\n", 1)[1].startswith(b'{"error"')
-    assert _rss_kib(strict.proc.pid) - before < 8 * 1024  # nothing near 16 MB was buffered
-    many = b"".join(b"X-%d: v\r\n" % i for i in range(30))
-    answer = _raw(strict.port, b"GET /v1/pool HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
-    assert answer.startswith(b"HTTP/1.1 431 ") and b"more than 20 header fields" in answer
-    assert strict.request("GET", "/v1/pool")[0] == 200  # and it still serves everyone else
-
-
-def test_a_half_sent_request_is_timed_out_with_408(strict):
-    start = time.monotonic()
-    for partial in (b"GET /v1/pool HTTP/1.1\r\nHost: x\r\n",  # head never finished
-                    b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ta"):  # body never finished
-        with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
-            sock.sendall(partial)
-            answer = sock.recv(65536)
-            assert sock.recv(65536) == b""  # and the connection is closed
-        if partial.startswith(b"GET"):
-            assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 1 s" in answer, answer
-    assert time.monotonic() - start < 8
-
-
-def test_connections_beyond_the_concurrency_limit_get_503(strict):
-    idle = [socket.create_connection(("127.0.0.1", strict.port), timeout=10) for _ in range(3)]
-    try:
-        status, _, _ = strict.request("GET", "/v1/pool")
-        assert status == 503
-    finally:
-        for sock in idle:
-            sock.close()
-    time.sleep(0.2)
-    assert strict.request("GET", "/v1/pool")[0] == 200
-
-
 def test_405_answers_carry_allow(server):
     for method, path, allow in (("GET", "/v1/query", "POST"), ("POST", "/v1/pool", "GET"),
                                 ("PUT", "/v1/fused", "POST")):
         status, headers, body = server.request(method, path)
         assert status == 405 and headers["allow"] == allow, (method, path, headers)
         assert json.loads(body)["valid"] == [allow]
-
-
-# --------------------------------------------------------------------------- what is served, and signed
-
-def test_fused_model_comes_from_the_verified_copy_and_is_signed(strict, keys):
-    from edge_runtime.signing import verify_signed_bytes
-
-    frag = read_manifest(strict.fragments).fragment("expert", "onnx", "fp32", "bags")
-    path = strict.fragments / frag.file
-    path.write_bytes(bytes([path.read_bytes()[0] ^ 1]) + path.read_bytes()[1:])  # flipped on disk after start
-    status, headers, model = strict.request("POST", "/v1/fused", json.dumps({"tasks": ["bags", "tops"]}).encode())
-    assert status == 200, model
-    payload = verify_signed_bytes(model, headers, load_public_key(f"{keys[0]}.pub"))
-    assert payload["tasks"] == ["bags", "tops"] and payload["class_ids"] == [0, 2, 4, 6, 8]
-    with pytest.raises(Exception, match="do not match the sha256"):
-        verify_signed_bytes(model[:-1] + bytes([model[-1] ^ 1]), headers, load_public_key(f"{keys[0]}.pub"))
-
-
-def test_symlinked_fragments_and_the_key_are_never_served(tiny_fragments, keys, tmp_path):
-    bad = shutil.copytree(tiny_fragments[0], tmp_path / "frag")
-    target = bad / read_manifest(bad).fragment("expert", "onnx", "int8", "bags").file
-    target.unlink()
-    target.symlink_to(keys[0])  # a fragment that is the private key
-    done = _run("poe_service", "serve", "--fragments", bad, "--port", "0", "--key", keys[0],
-                "--version-file", tmp_path / "v.json")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "outside the fragment directory" in done.stderr and "expert.bags.onnx.int8" in done.stderr
-
-
-def test_a_private_key_others_can_read_is_refused(tiny_fragments, keys, tmp_path):
-    loose = tmp_path / "loose"
-    shutil.copy(keys[0], loose)
-    loose.chmod(0o644)
-    done = _run("poe_service", "serve", "--fragments", tiny_fragments[0], "--port", "0", "--key", loose)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert f"{loose} is readable by others (mode 0644)" in done.stderr and f"chmod 600 {loose}" in done.stderr
-
-
-# --------------------------------------------------------------------------- expiry, trust, bundles grown over time
-
-def test_expired_manifests_are_refused_by_fetch_but_a_bundle_keeps_running(strict, keys, tmp_path):
-    pub, bundle = f"{keys[0]}.pub", tmp_path / "device"
-    captured = json.loads(strict.request("POST", "/v1/query", json.dumps({**QUERY, "tasks": ["tops"]}).encode())[2])
-    assert captured["payload"]["expires"].endswith("Z")
-    report = fetch_json(strict.url, bundle, "tops", pub)
-    assert report["expires"] >= captured["payload"]["expires"]  # ISO-8601 UTC strings sort by time
-    assert stat.S_IMODE((bundle / "trusted_key.pub").stat().st_mode) == 0o644
-    time.sleep(4.2)  # --manifest-ttl 3 (rounded up to the second): both the captured answer and the bundle's manifest have expired now
-    with proxy_to(strict) as replay:
-        replay.edit_answer = lambda _: captured
-        done = fetch_cli(replay.url, tmp_path / "fresh", "tops", "--public-key", pub)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-        assert "expired at" in done.stderr and "--allow-expired" in done.stderr
-        assert fetch_cli(replay.url, tmp_path / "fresh", "tops", "--public-key", pub,
-                         "--allow-expired").returncode == 0
-    ok = _run("edge_runtime", "verify", bundle)  # the pinned key: no --public-key needed; expiry is not checked
-    assert ok.returncode == 0 and "signature verified" in ok.stdout, ok.stderr
-    images = tmp_path / "x.npy"
-    np.save(images, np.zeros((1, 28, 28, 1), np.uint8))
-    assert _run("edge_runtime", "run", "--bundle", bundle, "--tasks", "tops", images).returncode == 0
 
 
 def test_insecure_is_refused_for_a_bundle_that_trusts_a_key(server, keys, tmp_path):
