@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the JSON record")
     b.add_argument("--out", help="also write the JSON record here (gather several boards with benchmarks/edge_boards.py)")
     f = sub.add_parser("fetch", help="download only the fragments a query needs that the bundle lacks, signed "
-                                     "and verified (from `pool-builder serve`)")
+                                     "and verified (from `poe-service serve`)")
     f.add_argument("--server", required=True, help="query service URL, e.g. http://10.0.0.2:8000")
     f.add_argument("--tasks", required=True, help=TASKS_HELP)
     f.add_argument("--bundle", required=True, help="bundle directory (created if needed): blobs/, manifest.json")

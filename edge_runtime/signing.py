@@ -61,26 +61,26 @@ def key_id(public_key: Any) -> str:
 
 
 def load_public_key(path: str | Path) -> Any:
-    """An Ed25519 public key from a PEM file (as ``pool-builder keygen`` writes ``KEY.pub``)."""
+    """An Ed25519 public key from a PEM file (as ``poe-service keygen`` writes ``KEY.pub``)."""
     serialization, ed25519, _ = _crypto()
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path} is not a PEM public key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SignatureError(f"{path} is not an Ed25519 public key (pool-builder keygen makes one)")
+        raise SignatureError(f"{path} is not an Ed25519 public key (poe-service keygen makes one)")
     return key
 
 
 def load_private_key(path: str | Path) -> Any:
-    """An Ed25519 private key from an unencrypted PEM file (``pool-builder keygen --out KEY``)."""
+    """An Ed25519 private key from an unencrypted PEM file (``poe-service keygen --out KEY``)."""
     serialization, ed25519, _ = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path} is not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SignatureError(f"{path} is not an Ed25519 private key (pool-builder keygen makes one)")
+        raise SignatureError(f"{path} is not an Ed25519 private key (poe-service keygen makes one)")
     return key
 
 
