@@ -69,7 +69,7 @@ class ServeConfig:
         self.limits()  # checks the head limits and the timeout
 
     def limits(self) -> "HttpLimits":
-        from poe_service.http_guard import HttpLimits
+        from poe_service.limits import HttpLimits
 
         return HttpLimits(self.max_header_bytes, self.max_headers, self.request_timeout)
 

@@ -265,6 +265,10 @@ def test_server_refuses_a_corrupt_fragment_directory(tiny_fragments, keys, tmp_p
     (["--fragments", "/nonexistent/frag"], "manifest.json not found: --fragments must be a fragment directory"),
     (["--key", "/etc/hostname"], "--key: /etc/hostname is not an unencrypted PEM private key"),
     (["--port", "70000"], "--port must be 0 (any free port) to 65535"),
+    (["--max-header-bytes", "10"], "--max-header-bytes must be >= 1024"),
+    (["--request-timeout", "0"], "--request-timeout > 0"),
+    (["--manifest-ttl", "0"], "--manifest-ttl must be at least 1 second"),
+    (["--max-concurrency", "0"], "--keep-alive and --max-concurrency must be at least 1"),
 ])
 def test_serve_bad_arguments_are_one_line_exit_2(tiny_fragments, args, message):
     done = _run("poe_service", "serve", "--fragments", tiny_fragments[0], "--port", "0", *args)
