@@ -102,18 +102,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the JSON record")
     b.add_argument("--out", help="also write the JSON record here (gather several boards with benchmarks/edge_boards.py)")
     f = sub.add_parser("fetch", help="download only the fragments a query needs that the bundle lacks, signed "
-                                     "and verified (from `pool-builder serve`)")
+                                     "and verified (from `poe-service serve`)")
     f.add_argument("--server", required=True, help="query service URL, e.g. http://10.0.0.2:8000")
     f.add_argument("--tasks", required=True, help=TASKS_HELP)
     f.add_argument("--bundle", required=True, help="bundle directory (created if needed): blobs/, manifest.json")
-    f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `pool-builder keygen`)")
+    f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `poe-service keygen`); kept "
+                                        "in the bundle as trusted_key.pub, so later commands need not repeat it")
     f.add_argument("--insecure", action="store_true", help="accept unsigned or badly signed manifests (never in "
-                                                          "production)")
+                                                          "production; refused for a bundle that trusts a key)")
     f.add_argument("--format", default="tflite", choices=["tflite", "onnx"],
                    help="fragment format (default tflite)")
     f.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
     f.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff (default 4)")
-    f.add_argument("--timeout", type=float, default=30.0, help="seconds without an answer before a try fails")
+    f.add_argument("--timeout", type=float, default=30.0, help="seconds without a byte before a try fails")
+    f.add_argument("--deadline", type=float, default=600.0, metavar="SECONDS",
+                   help="the whole fetch, retries included, ends after this (default 600; partial files are kept "
+                        "and the next fetch resumes them)")
+    f.add_argument("--min-rate", type=float, default=1024.0, metavar="BYTES_PER_S",
+                   help="a transfer slower than this over any 10 s is cut and retried (default 1024; 0: off)")
+    f.add_argument("--allow-expired", action="store_true",
+                   help="accept a signed manifest past its expiry (offline, from a local mirror); the signature is "
+                        "still checked")
     f.add_argument("--json", action="store_true", help="print the JSON report")
     return parser
 
@@ -271,7 +280,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
     cfg = FetchConfig(server=args.server, tasks=args.tasks, bundle=args.bundle, public_key=args.public_key,
                       insecure=args.insecure, format=args.format, precision=args.precision, retries=args.retries,
-                      timeout=args.timeout)
+                      timeout=args.timeout, deadline=args.deadline, min_rate=args.min_rate,
+                      allow_expired=args.allow_expired)
     report = fetch(cfg, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0

@@ -10,6 +10,7 @@ infinity are refused here too: no manifest number may be one.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping, Union
 
@@ -97,6 +98,28 @@ def _scalar_problem(value: Any, spec: str, where: str) -> str | None:
 def reject_constant(name: str) -> float:
     """``json.loads(parse_constant=...)``: NaN, Infinity and -Infinity are not JSON and not accepted."""
     raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def strict_loads(data: bytes | str, what: str) -> Any:
+    """JSON from an untrusted peer, where every failure is a ValueError naming ``what``.
+
+    ``json.loads`` raises RecursionError on deep nesting, a bare ValueError on
+    integers over 4,300 digits, and accepts NaN and 1e999; each of those turned
+    a bad request or answer into a 500 or a traceback.
+    """
+    try:
+        return json.loads(data, parse_constant=reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be valid JSON here") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def check_types(raw: Mapping[str, Any]) -> str | None:
