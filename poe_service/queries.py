@@ -33,7 +33,7 @@ from poe_service.fused import FusedModels
 
 QUERY_FIELDS = ("tasks", "format", "precision")
 DEFAULT_FORMAT, DEFAULT_PRECISION = "tflite", "int8"
-FUSED_PRECISIONS = ("fp32", "int8")
+FUSED_PRECISIONS = ("fp32", "fp16", "int8")
 MAX_CACHED_ANSWERS = 4096
 DEFAULT_MAX_BODY = 16 * 1024  # a query is a few task names; anything bigger is refused with 413
 DEFAULT_MANIFEST_TTL = 86400.0  # seconds a signed manifest stays acceptable to `edge-runtime fetch` (TUF timestamp)

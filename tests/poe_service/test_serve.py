@@ -155,7 +155,7 @@ def test_fused_model_is_built_once_per_query_and_runs(server):
     assert len(cached) == 1
     again = server.request("POST", "/v1/fused", request)
     assert again[2] == model and list((server.log.parent / "cache" / "fused").glob("*.onnx")) == cached
-    assert server.request("POST", "/v1/fused", json.dumps({"tasks": ["tops"], "precision": "fp16"}).encode())[0] == 400
+    assert server.request("POST", "/v1/fused", json.dumps({"tasks": ["tops"], "precision": "fp8"}).encode())[0] == 400
 
 
 def test_wrong_key_or_unsigned_manifests_are_refused_unless_insecure(server, keys, tiny_fragments, tmp_path):
