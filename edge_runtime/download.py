@@ -130,7 +130,7 @@ def _with_retries(what: str, policy: RetryPolicy, attempt_once: Callable[[], Any
 def _error_detail(exc: urllib.error.HTTPError) -> str:
     """The server's JSON ``error`` (and valid choices) if it sent one, else the HTTP reason."""
     try:
-        body = json.loads(exc.read(64 * 1024).decode("utf-8"))
+        body = strict_loads(exc.read(64 * 1024), "the error body")
         detail = str(body.get("error", exc.reason))
         if body.get("valid"):
             detail += f" (valid: {', '.join(map(str, body['valid']))})"

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .manifest_types import strict_loads
+
 SIGNATURE_ALGORITHM = "ed25519"
 
 
@@ -183,7 +185,8 @@ def verify_signed_bytes(data: bytes, headers: Any, public_key: Any) -> dict[str,
         return str(value)
 
     try:
-        payload = json.loads(base64.urlsafe_b64decode(header(SIGNED_PAYLOAD_HEADER).encode("ascii")))
+        payload = strict_loads(base64.urlsafe_b64decode(header(SIGNED_PAYLOAD_HEADER).encode("ascii")),
+                               f"the {SIGNED_PAYLOAD_HEADER} header")
     except (binascii.Error, ValueError) as exc:
         raise SignatureError(f"the answer's {SIGNED_PAYLOAD_HEADER} header is malformed ({exc})") from None
     verify_document({"payload": payload, "signature": header(SIGNATURE_HEADER), "key_id": header(KEY_ID_HEADER)},
