@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="fragment directory to write (replaced as a whole on success)")
     p.add_argument("--formats", default="tflite,onnx", help="comma list of tflite, onnx (default both)")
     p.add_argument("--precisions", default="fp32,fp16,int8",
-                   help="comma list of fp32, fp16, int8 (fp16: TFLite only) (default all)")
+                   help="comma list of fp32, fp16, int8 (default all)")
     p.add_argument("--calibration-images", type=int, default=200, help="training images used to calibrate int8")
     p.add_argument("--calibration-file", help=".npy of uint8 images (N×H×W×C) to calibrate on instead")
     p.add_argument("--eval-images", type=int, help="held-out images to measure agreement on (default: all)")
@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--fragments", required=True, help="fragment directory (manifest.json)")
     f.add_argument("--tasks", required=True, help="comma list of primitive tasks")
     f.add_argument("--out", required=True, help="ONNX file to write")
-    f.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="which ONNX fragments to fuse")
+    f.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="which ONNX fragments to fuse")
     return parser
 
 

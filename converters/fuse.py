@@ -13,14 +13,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.atomic_io import atomic_write_bytes
-from edge_runtime.manifest import ManifestError, read_manifest, verified_bytes
+from edge_runtime.manifest import Fragment, Manifest, ManifestError, read_manifest, verified_bytes
 from edge_runtime.query import Query, QueryError, QueryLike
 
 from .errors import ConvertError
@@ -35,10 +35,6 @@ class FusedModel:
     class_ids: tuple[int, ...]
     bytes: int
     milliseconds: float
-
-
-def _load_verified(fragments_dir: Path, fragment) -> onnx.ModelProto:
-    return onnx.load_from_string(verified_bytes(fragments_dir, fragment))
 
 
 def fuse_models(library: onnx.ModelProto, experts: dict[str, onnx.ModelProto],
@@ -69,27 +65,28 @@ def fuse_models(library: onnx.ModelProto, experts: dict[str, onnx.ModelProto],
     return fused, ordered
 
 
-def fuse_query(fragments_dir: str | Path, tasks: QueryLike, out: str | Path,
-               precision: str = "fp32") -> FusedModel:
-    """Write one ONNX model for ``tasks`` from the verified ONNX fragments of ``precision``."""
-    start = time.perf_counter()
-    root = Path(fragments_dir)
-    manifest = read_manifest(root)
+def fuse_verified(manifest: Manifest, blob: Callable[[Fragment], bytes], tasks: QueryLike,
+                  precision: str = "fp32") -> tuple[bytes, tuple[str, ...], tuple[int, ...]]:
+    """The serialized fused model, the query's tasks and each output column's class id.
+
+    ``blob`` hands over each fragment's already verified bytes (the query service passes its in-memory copy,
+    so what is fused is what was verified, not whatever is on disk now).
+    """
     try:
         chosen = Query.parse(tasks).validate(manifest.tasks).tasks
     except QueryError as exc:
         raise ConvertError(str(exc)) from None
     if manifest.staged:
-        raise ConvertError(f"{root} holds progressive experts (stage fragments); fuse does not build staged graphs - "
-                           "run them with `edge-runtime run --stages K` or `--budget-ms MS`, or export a pool built "
-                           "with --expert-stages 1 to fuse it")
+        raise ConvertError("the fragments are progressive experts (stage fragments); fuse does not build staged "
+                           "graphs - run them with `edge-runtime run --stages K` or `--budget-ms MS`, or export a "
+                           "pool built with --expert-stages 1 to fuse it")
     try:
         lib_frag = manifest.fragment("library", "onnx", precision)
         expert_frags = {t: manifest.fragment("expert", "onnx", precision, t) for t in chosen}
     except ManifestError as exc:
         raise ConvertError(str(exc)) from None
-    fused, ordered = fuse_models(_load_verified(root, lib_frag),
-                                 {t: _load_verified(root, f) for t, f in expert_frags.items()},
+    fused, ordered = fuse_models(onnx.load_from_string(blob(lib_frag)),
+                                 {t: onnx.load_from_string(blob(f)) for t, f in expert_frags.items()},
                                  {t: manifest.tasks[t] for t in chosen})
     for key, value in (("pool_id", manifest.pool_id), ("tasks", json.dumps(list(chosen))),
                        ("class_ids", json.dumps(list(ordered))),
@@ -97,6 +94,14 @@ def fuse_query(fragments_dir: str | Path, tasks: QueryLike, out: str | Path,
                        ("precision", precision)):
         helper.set_model_props(fused, {**{p.key: p.value for p in fused.metadata_props}, key: value})
     onnx.checker.check_model(fused)
-    data = fused.SerializeToString()
+    return fused.SerializeToString(), chosen, ordered
+
+
+def fuse_query(fragments_dir: str | Path, tasks: QueryLike, out: str | Path,
+               precision: str = "fp32") -> FusedModel:
+    """Write one ONNX model for ``tasks`` from the verified ONNX fragments of ``precision``."""
+    start = time.perf_counter()
+    root = Path(fragments_dir)
+    data, chosen, ordered = fuse_verified(read_manifest(root), lambda f: verified_bytes(root, f), tasks, precision)
     atomic_write_bytes(out, data)
     return FusedModel(Path(out), chosen, ordered, len(data), (time.perf_counter() - start) * 1000.0)

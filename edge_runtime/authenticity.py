@@ -8,7 +8,9 @@ silently.  Here every field of ``manifest.json`` that decides what runs and
 how it is read must equal the saved signed payload (fragment file names
 excepted: they point into ``blobs/``), and the payload's Ed25519 signature is
 checked again whenever a public key is at hand: the one passed in, or the one
-pinned in the bundle (``trusted_key.pub``).
+pinned in the bundle (``trusted_key.pub``, which fetch writes).  Fragments of
+earlier queries are vouched for by the earlier signed manifests fetch keeps in
+``signed_earlier.json`` (:mod:`edge_runtime.vouching`).
 
 Only the signature is checked here, never an expiry: a device must keep
 running offline for months on the manifest it fetched; ``fetch`` refuses
@@ -18,15 +20,16 @@ expired manifests when it talks to the server.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fetch import SIGNED_NAME, STATE_NAME
+from .fetch import STATE_NAME
 from .manifest import Fragment, Manifest, ManifestError
 from .manifest_types import reject_constant
+from .vouching import (EARLIER_NAME, SIGNED_NAME, TRUSTED_KEY_NAME, differing, earlier_documents,
+                       fragment_differences, payload_manifest, voucher)
 
-TRUSTED_KEY_NAME = "trusted_key.pub"  # optional: the PEM public key a bundle is pinned to
 HEADER_FIELDS = ("schema_version", "pool_id", "preprocessing", "class_names", "tasks", "seam", "composites", "tools")
 
 
@@ -66,14 +69,16 @@ def _public_key(bundle: Path, public_key: Any) -> tuple[Any, str | None]:
     return public_key, "the key given"
 
 
-def _differing(a: Any, b: Any, names: Iterable[str]) -> list[str]:
-    return [n for n in names if getattr(a, n) != getattr(b, n)]
+def compare_with_signed(local: Manifest, signed: Manifest, ids: Iterable[str] | None = None,
+                        earlier: Iterable[tuple[Any, Manifest]] = ()) -> list[str]:
+    """One line per field of ``local`` that the signed manifest does not vouch for (``ids``: only those fragments).
 
-
-def compare_with_signed(local: Manifest, signed: Manifest, ids: Iterable[str] | None = None) -> list[str]:
-    """One line per field of ``local`` that the signed manifest does not vouch for (``ids``: only those fragments)."""
+    A fragment the latest signed manifest does not list may be vouched for by an ``earlier`` one (a bundle
+    grown over several queries; see :mod:`edge_runtime.vouching`).
+    """
     problems = []
-    header = _differing(local, signed, HEADER_FIELDS)
+    earlier = list(earlier)
+    header = differing(local, signed, HEADER_FIELDS)
     if header:
         problems.append(f"manifest.json differs from the signed manifest in {', '.join(header)}: edited after "
                         f"fetch; refusing it (fetch again)")
@@ -84,11 +89,11 @@ def compare_with_signed(local: Manifest, signed: Manifest, ids: Iterable[str] | 
             continue
         vouched: Fragment | None = signed_by_id.get(frag.id)
         if vouched is None:
-            problems.append(f"fragment {frag.id!r} is not in the signed manifest saved by the last fetch; "
-                            f"fetch a query that includes it again")
+            if voucher(frag, signed, earlier) is None:
+                problems.append(f"fragment {frag.id!r} is not in any signed manifest saved by fetch (or was "
+                                f"edited after fetch); fetch a query that includes it again")
             continue
-        names = [f.name for f in fields(Fragment) if f.name != "file"]
-        changed = _differing(frag, replace(vouched, file=frag.file), names)
+        changed = fragment_differences(frag, vouched)
         if changed:
             problems.append(f"fragment {frag.id!r} differs from the signed manifest in {', '.join(changed)}: "
                             f"edited after fetch; refusing it")
@@ -118,18 +123,42 @@ def authenticate(bundle: str | Path, manifest: Manifest, public_key: Any = None,
         if not isinstance(document, dict) or not isinstance(document.get("payload"), dict):
             raise ManifestError(f"{signed_path} is not a signed manifest (no payload object)")
         trusted = state.get("key_id") if isinstance(state, dict) else None
-        _check_signature(root, document, trusted, public_key, report)
+        key = _check_signature(root, document, trusted, public_key, report)
         signed = Manifest.from_json(document["payload"])
+        ids = None if fragments is None else [f.id for f in fragments]
+        earlier = _earlier(root, manifest, signed, ids, trusted, key) if root.joinpath(EARLIER_NAME).exists() else []
     except ValueError as exc:  # ManifestError and SignatureError are ValueErrors
         report.problems.append(str(exc))
         return report
-    ids = None if fragments is None else [f.id for f in fragments]
-    report.problems += compare_with_signed(manifest, signed, ids)
+    report.problems += compare_with_signed(manifest, signed, ids, earlier)
     return report
 
 
+def _earlier(root: Path, local: Manifest, signed: Manifest, ids: list[str] | None, trusted: Any,
+             key: Any) -> list[tuple[Any, Manifest]]:
+    """The earlier signed documents needed for fragments the latest one does not list, each signature checked
+    like the latest's (same trusted key; verified when a key is at hand)."""
+    from .signing import SignatureError, verify_document
+
+    listed = {f.id for f in signed.fragments}
+    if all(f.id in listed for f in local.fragments if ids is None or f.id in ids):
+        return []  # nothing to look up: the file is not even read
+    pairs = []
+    for document in earlier_documents(_read_json(root / EARLIER_NAME)):
+        if not isinstance(document, dict) or (payload := payload_manifest(document)) is None:
+            raise ManifestError(f"{root / EARLIER_NAME} holds a document that is not a signed manifest; fetch again")
+        if trusted and (not document.get("signature") or document.get("key_id") != trusted):
+            raise SignatureError(f"{root / EARLIER_NAME} holds a manifest not signed by the key this bundle "
+                                 f"trusts ({str(trusted)[:16]}); refusing it")
+        if key is not None and document.get("signature"):
+            verify_document(document, key)
+        pairs.append((document, payload))
+    return pairs
+
+
 def _check_signature(root: Path, document: dict[str, Any], trusted: Any, public_key: Any,
-                     report: Authenticity) -> None:
+                     report: Authenticity) -> Any:
+    """Checks the latest document's signature; returns the public key used (None when there was none)."""
     from .signing import SignatureError, verify_document
 
     report.key_id = document.get("key_id")
@@ -141,7 +170,7 @@ def _check_signature(root: Path, document: dict[str, Any], trusted: Any, public_
                                  f"refusing it (fetch again)")
         report.unverifiable.append("the saved manifest is unsigned (fetched with --insecure): nothing "
                                    "authenticates this bundle")
-        return
+        return None
     if trusted and report.key_id != trusted:
         report.signature = "invalid"
         raise SignatureError(f"the saved manifest is signed by key {str(report.key_id)[:16]}, but this bundle "
@@ -151,10 +180,11 @@ def _check_signature(root: Path, document: dict[str, Any], trusted: Any, public_
         report.signature = "not checked (no public key)"
         report.unverifiable.append("the saved manifest's signature was not checked: no public key (pass "
                                    "--public-key KEY.pub, the key `fetch` was given)")
-        return
+        return None
     try:
         verify_document(document, key)
     except SignatureError:
         report.signature = "invalid"
         raise
     report.signature = "verified"
+    return key

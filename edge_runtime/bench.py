@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import interpreter_version
+from .providers import available_providers, parse_providers
 from .query import Query
 from .runners import native_info_muted
 from .runtime import Runtime
@@ -39,9 +40,13 @@ class BenchConfig:
     batch: int = 1
     warmup: int = 20
     iterations: int = 200
+    providers: str | None = None  # onnxruntime execution providers, "cuda,cpu" (None: onnxruntime's CPU)
+    io_binding: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", Query.parse(self.tasks).canonical)
+        parsed = parse_providers(self.providers)  # a bad name fails before anything loads
+        object.__setattr__(self, "providers", ",".join(parsed) if parsed else None)
         if not self.threads or any(t < 1 for t in self.threads):
             raise ValueError(f"threads must be positive integers, got {list(self.threads)}")
         for name in ("batch", "iterations"):
@@ -106,7 +111,8 @@ def machine_info(backend: str) -> dict[str, Any]:
     return {"hostname": platform.node(), "board": _read("/proc/device-tree/model") or None,
             "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-            "backend": backend, "backend_version": interpreter_version(backend)}
+            "backend": backend, "backend_version": interpreter_version(backend),
+            **({"onnxruntime_providers": available_providers()} if backend == "onnxruntime" else {})}
 
 
 def bench_images(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
@@ -138,7 +144,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     for threads in cfg.threads:
         start = time.perf_counter()
         with native_info_muted():
-            runtime = Runtime.open(cfg.bundle, cfg.tasks, cfg.backend, cfg.precision, num_threads=threads)
+            runtime = Runtime.open(cfg.bundle, cfg.tasks, cfg.backend, cfg.precision, num_threads=threads,
+                                   providers=cfg.providers, io_binding=cfg.io_binding)
         open_ms = (time.perf_counter() - start) * 1000.0
         describe = runtime.describe()
         images = bench_images(runtime, cfg.batch)
@@ -160,7 +167,9 @@ def format_bench(record: dict[str, Any]) -> str:
     """A short human-readable table of one bench record."""
     m, loaded = record["machine"], record["loaded"]
     lines = [f"{m['board'] or m['cpu']} ({m['machine']}, {m['cpu_count']} CPUs), Python {m['python']}, "
-             f"numpy {m['numpy']}, {m['backend']} {m['backend_version']}",
+             f"numpy {m['numpy']}, {m['backend']} {m['backend_version']}"
+             + (f" on {','.join(loaded['providers'])}" + (" (I/O binding)" if loaded.get("io_binding") else "")
+                if loaded.get("providers") else ""),
              f"pool {loaded['pool_id']} {loaded['format']} {loaded['precision']} tasks {','.join(loaded['tasks'])}: "
              f"{loaded['bytes']:,} bytes; batch {record['config']['batch']}",
              f"{'threads':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'glue ms':>8} {'img/s':>9}  per fragment p50 ms"]

@@ -18,6 +18,7 @@ from .backends import BACKEND_CHOICES, BACKENDS, unusable_reason
 from .cli_errors import EXIT_USAGE, run_command
 from .images import ARRAY_LAYOUTS
 from .manifest import PRECISIONS, ManifestError, read_manifest, verified_bytes
+from .providers import PROVIDER_CHOICES
 from .query import Query
 from .runners import native_info_muted
 
@@ -40,6 +41,13 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
     p.add_argument("--public-key", help="Ed25519 public key to re-check a fetched bundle's signed manifest with "
                                         "(default: the bundle's pinned trusted_key.pub, if any)")
+    p.add_argument("--provider", metavar="LIST",
+                   help="onnxruntime execution providers in priority order, comma list of "
+                        f"{', '.join(PROVIDER_CHOICES)} (implies --backend onnxruntime); each must be available; "
+                        "the CPU runs nothing unless listed (cuda,cpu)")
+    p.add_argument("--io-binding", action="store_true",
+                   help="keep the library's output on the providers' device for the experts (onnxruntime I/O "
+                        "binding) instead of copying it through host memory")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,18 +102,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the JSON record")
     b.add_argument("--out", help="also write the JSON record here (gather several boards with benchmarks/edge_boards.py)")
     f = sub.add_parser("fetch", help="download only the fragments a query needs that the bundle lacks, signed "
-                                     "and verified (from `pool-builder serve`)")
+                                     "and verified (from `poe-service serve`)")
     f.add_argument("--server", required=True, help="query service URL, e.g. http://10.0.0.2:8000")
     f.add_argument("--tasks", required=True, help=TASKS_HELP)
     f.add_argument("--bundle", required=True, help="bundle directory (created if needed): blobs/, manifest.json")
-    f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `pool-builder keygen`)")
+    f.add_argument("--public-key", help="the server's Ed25519 public key (KEY.pub from `poe-service keygen`); kept "
+                                        "in the bundle as trusted_key.pub, so later commands need not repeat it")
     f.add_argument("--insecure", action="store_true", help="accept unsigned or badly signed manifests (never in "
-                                                          "production)")
+                                                          "production; refused for a bundle that trusts a key)")
     f.add_argument("--format", default="tflite", choices=["tflite", "onnx"],
                    help="fragment format (default tflite)")
     f.add_argument("--precision", default="int8", choices=PRECISIONS, help="fragment precision (default int8)")
     f.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff (default 4)")
-    f.add_argument("--timeout", type=float, default=30.0, help="seconds without an answer before a try fails")
+    f.add_argument("--timeout", type=float, default=30.0, help="seconds without a byte before a try fails")
+    f.add_argument("--deadline", type=float, default=600.0, metavar="SECONDS",
+                   help="the whole fetch, retries included, ends after this (default 600; partial files are kept "
+                        "and the next fetch resumes them)")
+    f.add_argument("--min-rate", type=float, default=1024.0, metavar="BYTES_PER_S",
+                   help="a transfer slower than this over any 10 s is cut and retried (default 1024; 0: off)")
+    f.add_argument("--allow-expired", action="store_true",
+                   help="accept a signed manifest past its expiry (offline, from a local mirror); the signature is "
+                        "still checked")
     f.add_argument("--json", action="store_true", help="print the JSON report")
     return parser
 
@@ -132,8 +149,9 @@ def _run(args: argparse.Namespace) -> int:
     batches = [load_inputs([path], pre, args.layout, args.resize) for path in args.inputs]  # bad input fails first
     with native_info_muted():
         runtime = Runtime.open(args.bundle, query, args.backend, args.precision, num_threads=args.threads,
-                               stages=args.stages, budget_ms=args.budget_ms, early_exit=args.early_exit,
-                               calibrate=args.calibrate, public_key=args.public_key)
+                               providers=args.provider, stages=args.stages, budget_ms=args.budget_ms,
+                               early_exit=args.early_exit, calibrate=args.calibrate, public_key=args.public_key,
+                               io_binding=args.io_binding)
     prediction = runtime.predict(load_inputs(batches, pre, "NHWC"), "NHWC")
     names = _input_names(args.inputs, [len(b) for b in batches])
     stages_run = runtime.composer.stages_run if runtime.composer is not None else None
@@ -235,7 +253,8 @@ def _stream(args: argparse.Namespace) -> int:
     paths = source_paths(args.source, args.poll, args.once, stop, sys.stdin)  # a bad source fails before loading
     with native_info_muted():
         runtime = Runtime.open(args.bundle, Query.parse(args.tasks), args.backend, args.precision,
-                               num_threads=args.threads, public_key=args.public_key, warmup=True)
+                               num_threads=args.threads, providers=args.provider, public_key=args.public_key,
+                               warmup=True, io_binding=args.io_binding)
     stop.install()
     stats = run_stream(runtime, paths, sys.stdout, args.top, args.layout, args.resize)
     print(f"edge-runtime: stream: {stats.images} image(s), {stats.failed} failed, {stats.seconds:.1f} s",
@@ -247,7 +266,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_bench, run_bench
 
     cfg = BenchConfig(bundle=args.bundle, tasks=args.tasks, backend=args.backend, precision=args.precision,
-                      threads=args.threads, batch=args.batch, warmup=args.warmup, iterations=args.iterations)
+                      threads=args.threads, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
+                      providers=args.provider, io_binding=args.io_binding)
     record = run_bench(cfg, log=lambda m: print(m, file=sys.stderr))
     if args.out:
         atomic_write_json(args.out, record)
@@ -260,7 +280,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
     cfg = FetchConfig(server=args.server, tasks=args.tasks, bundle=args.bundle, public_key=args.public_key,
                       insecure=args.insecure, format=args.format, precision=args.precision, retries=args.retries,
-                      timeout=args.timeout)
+                      timeout=args.timeout, deadline=args.deadline, min_rate=args.min_rate,
+                      allow_expired=args.allow_expired)
     report = fetch(cfg, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0

@@ -10,7 +10,9 @@ infinity are refused here too: no manifest number may be one.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any, Mapping, Union
 
 INT, NUMBER, STR, ANY_OBJECT = "integer", "number", "string", "object"
@@ -97,6 +99,50 @@ def _scalar_problem(value: Any, spec: str, where: str) -> str | None:
 def reject_constant(name: str) -> float:
     """``json.loads(parse_constant=...)``: NaN, Infinity and -Infinity are not JSON and not accepted."""
     raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+MAX_JSON_DEPTH = 64  # a manifest nests about 8 deep; the C decoder recurses once per level
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting outside strings, found without recursion.
+
+    json's C decoder recurses per level; in a process whose recursion limit was
+    raised (some ML libraries raise it on import) 100,000 ``[`` overflow the C
+    stack and kill the process instead of raising RecursionError.
+    """
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def strict_loads(data: bytes | str, what: str) -> Any:
+    """JSON from an untrusted peer, where every failure is a ValueError naming ``what``.
+
+    ``json.loads`` raises RecursionError on deep nesting, a bare ValueError on
+    integers over 4,300 digits, and accepts NaN and 1e999; each of those turned
+    a bad request or answer into a 500 or a traceback.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        if nesting_depth(text) > MAX_JSON_DEPTH:
+            raise RecursionError
+        return json.loads(text, parse_constant=reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be valid JSON here") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def check_types(raw: Mapping[str, Any]) -> str | None:

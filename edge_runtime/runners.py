@@ -9,6 +9,7 @@ numbers in the manifest are what a device computes.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import numpy as np
 
 from .backends import BACKEND_FORMAT, BACKENDS, BackendError, resolve_backend, tflite_interpreter_class, unusable_reason
 from .manifest import Fragment, ManifestError, TensorSpec, check_choice, verified_bytes
+from .providers import (ProviderError, check_available, check_started, configure_session, device_of,
+                        explain_session_error, parse_providers, provider_options, trt_cache_dir)
 
 _INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
@@ -94,10 +97,14 @@ class TFLiteRunner:
 
 
 class OnnxRunner:
-    """An ONNX fragment in onnxruntime; CPU unless ``providers`` names others (Jetson: TensorRT, CUDA)."""
+    """An ONNX fragment in onnxruntime; CPU unless ``providers`` names others (Jetson: TensorRT, CUDA).
+
+    ``providers`` are onnxruntime's names in priority order (``providers.parse_providers``); they are
+    checked strictly (``edge_runtime/providers.py``).  ``trt_cache`` is where TensorRT keeps its engines.
+    """
 
     def __init__(self, content: bytes, fragment: Fragment, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, trt_cache: Path | None = None) -> None:
         reason = unusable_reason("onnxruntime")
         if reason:
             raise BackendError(reason)
@@ -109,17 +116,26 @@ class OnnxRunner:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        available = ort.get_available_providers()
-        wanted = list(providers or ["CPUExecutionProvider"])
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise BackendError(f"onnxruntime provider(s) {', '.join(missing)} not available here; "
-                               f"available: {', '.join(available)}")
-        self._session = ort.InferenceSession(content, options, providers=wanted)
+        wanted = tuple(parse_providers(providers) or ("CPUExecutionProvider",))
+        check_available(wanted)
+        extra = configure_session(options, wanted)
+        banner = io.StringIO()  # onnxruntime prints its "EP Error ... Falling back" banner on stdout
+        try:
+            with contextlib.redirect_stdout(banner):
+                self.session = ort.InferenceSession(content, options, providers=list(wanted),
+                                                    provider_options=provider_options(wanted, trt_cache), **extra)
+        except Exception as exc:  # onnxruntime's errors are not RuntimeErrors; unrelated ones are re-raised
+            explained = explain_session_error(exc, wanted, fragment.id)
+            if explained is None:
+                raise
+            raise explained from None
+        check_started(self.session, wanted, fragment.id)
+        self.providers = wanted
+        self.device = device_of(wanted)
         self._output_names = [self.output.name]
 
     def run_raw(self, x: np.ndarray) -> np.ndarray:
-        return self._session.run(self._output_names, {self.input.name: np.ascontiguousarray(x)})[0]
+        return self.session.run(self._output_names, {self.input.name: np.ascontiguousarray(x)})[0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return dequantize(self.run_raw(quantize(x, self.input)), self.output)
@@ -133,17 +149,21 @@ def open_runner(fragments_dir: str | Path, fragment: Fragment, threads: int | No
     """Read the fragment's bytes, check them against the manifest, and load exactly those bytes.
 
     ``backend`` is the interpreter (``ai_edge_litert`` or ``tflite_runtime`` for TFLite;
-    ``onnxruntime`` for ONNX); None takes the first usable one for the fragment's format.
+    ``onnxruntime`` for ONNX); None takes the first usable one for the fragment's format.  ``providers``
+    (onnxruntime only) are checked strictly; TensorRT caches its engines under ``<bundle>/trt_cache/``.
     """
     if backend is None:
         backend = resolve_backend("auto", [fragment.format]).name
     check_choice("backend", backend, BACKENDS)
     if BACKEND_FORMAT[backend] != fragment.format:
         raise BackendError(f"backend {backend} cannot run {fragment.format} fragment {fragment.id!r}")
+    if providers is not None and fragment.format != "onnx":
+        raise ProviderError(f"execution providers apply to onnxruntime only; backend {backend} runs TFLite "
+                            f"fragment {fragment.id!r} on the CPU: use --backend onnxruntime for --provider")
     content = verified_bytes(fragments_dir, fragment)
     if fragment.format == "tflite":
         return TFLiteRunner(content, fragment, threads, backend)
-    return OnnxRunner(content, fragment, threads, providers)
+    return OnnxRunner(content, fragment, threads, providers, trt_cache_dir(fragments_dir, fragment.sha256))
 
 
 def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 256) -> np.ndarray:

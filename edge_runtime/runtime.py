@@ -22,10 +22,12 @@ import numpy as np
 from .anytime import AnytimeComposer, Overhead, StagePlan, measure_overhead, open_composer
 from .authenticity import Authenticity, authenticate
 from .backends import Backend, resolve_backend
+from .device_compose import BoundComposer
 from .encoding import InputEncoder
 from .images import ImageInput, load_inputs
 from .loading import load_runner
 from .manifest import Manifest, ManifestError, read_manifest
+from .providers import ProviderError, ProvidersLike, parse_providers
 from .query import Query, QueryLike
 from .runners import Runner, dequantize, pass_between, quantize
 from .selection import Selection, select
@@ -74,7 +76,7 @@ class Runtime:
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, selection: Selection, backend: Backend,
                  runners: Sequence[Runner], max_batch: int = DEFAULT_MAX_BATCH,
-                 composer: AnytimeComposer | None = None) -> None:
+                 composer: AnytimeComposer | None = None, io_binding: bool = False) -> None:
         self.bundle_dir, self.manifest, self.selection, self.backend = bundle_dir, manifest, selection, backend
         by_id = {r.fragment.id: r for r in runners}
         self.library, self.experts = runners[0], tuple(by_id[f.id] for f in selection.experts)
@@ -92,6 +94,10 @@ class Runtime:
         self._order = np.asarray(selection.column_order, dtype=np.int64)  # concat order -> ascending ids
         self._passthrough = tuple(e.input.same_encoding(self.library.output) for e in self.experts)
         self._encoder = InputEncoder(manifest.preprocessing, self.library.input)
+        if io_binding and composer is not None:
+            raise ValueError("io_binding composes library + experts on the device; progressive experts (stages) run "
+                             "through the anytime planner instead: open without io_binding")
+        self._bound = BoundComposer(self.library, self.experts) if io_binding else None
         # Dequantize all experts' outputs in one step: per-column zero point and scale, in output order.
         outputs = [(e.output, len(f.class_ids)) for e, f in zip(self.experts, selection.experts)]
         self._quantized_out = all(o.quantized for o, _ in outputs)
@@ -101,10 +107,10 @@ class Runtime:
 
     @classmethod
     def open(cls, bundle_dir: str | Path, tasks: QueryLike, backend: str = "auto",
-             precision: str = "int8", num_threads: int | None = 1, providers: Sequence[str] | None = None,
+             precision: str = "int8", num_threads: int | None = 1, providers: ProvidersLike = None,
              max_batch: int = DEFAULT_MAX_BATCH, stages: int | None = None, budget_ms: float | None = None,
              early_exit: float | None = None, calibrate: bool = False, overhead: Overhead | None = None,
-             public_key: Any = None, warmup: bool = False) -> "Runtime":
+             public_key: Any = None, warmup: bool = False, io_binding: bool = False) -> "Runtime":
         """Verify and load the library and the experts of ``tasks`` (a :class:`Query`, ``"a,b"`` or a list).
 
         Progressive bundles (experts as stages) run every stage unless ``stages`` (a count) or
@@ -115,17 +121,32 @@ class Runtime:
         A fetched bundle's manifest must match its saved signed manifest, whose signature is checked with
         ``public_key`` (an Ed25519 key or PEM path) or the bundle's pinned key.  Every interpreter runs once
         at load; ``warmup`` also runs the whole pipeline (:meth:`warmup`).
+
+        ``providers`` (``"cuda,cpu"`` or a list; onnxruntime only, ``backend="auto"`` then means onnxruntime)
+        go to onnxruntime in that order, each must be available, and none falls back to the CPU unless ``cpu``
+        is listed (``edge_runtime/providers.py``).  ``io_binding`` keeps the library's output on the
+        providers' device for the experts (``edge_runtime/device_compose.py``).
         """
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if budget_ms is not None and stages is not None:
             raise ValueError("give a latency budget (budget_ms) or a stage count (stages), not both")
         query = Query.parse(tasks)  # a malformed query fails before any file is read
+        providers = parse_providers(providers)
+        if providers is not None or io_binding:
+            if backend == "auto":
+                backend = "onnxruntime"  # the only interpreter with execution providers and I/O binding
+            elif backend != "onnxruntime" and providers is not None:
+                raise ProviderError(f"execution providers apply to the onnxruntime backend only, not {backend} "
+                                    f"(TFLite interpreters run on the CPU): use --backend onnxruntime")
         root = Path(bundle_dir)
         manifest = read_manifest(root)
         every_format = sorted({fmt for fmt, _ in manifest.variants()})
         with_precision = sorted({fmt for fmt, p in manifest.variants() if p == precision})
         chosen = resolve_backend(backend, (with_precision or every_format) if backend == "auto" else every_format)
+        if io_binding and chosen.name != "onnxruntime":
+            raise ValueError(f"io_binding needs the onnxruntime backend (ONNX fragments), not {chosen.name}: "
+                             f"use --backend onnxruntime")
         selection = select(manifest, query, chosen.format, precision)
         auth = authenticate(root, manifest, public_key, selection.fragments)
         if auth.problems:
@@ -135,11 +156,11 @@ class Runtime:
         composer = None
         if manifest.staged or stages is not None or budget_ms is not None or early_exit is not None or calibrate:
             composer = open_composer(manifest, selection, runners, stages, budget_ms, early_exit, calibrate)
-        runtime = cls(root, manifest, selection, chosen, runners, max_batch, composer)
+        runtime = cls(root, manifest, selection, chosen, runners, max_batch, composer, io_binding)
         if budget_ms is not None and composer is not None:
             runtime.composer = composer.replanned(overhead or runtime.measure_overhead())
         runtime.authenticity = auth
-        runtime.load_options = {"threads": num_threads, "providers": providers}
+        runtime.load_options = {"threads": num_threads, "providers": providers, "io_binding": io_binding}
         if warmup:
             runtime.warmup()
         return runtime
@@ -155,7 +176,7 @@ class Runtime:
                    for f in self.selection.fragments]
         composer = self.composer.rebind(runners) if self.composer is not None else None
         twin = type(self)(self.bundle_dir, self.manifest, self.selection, self.backend, runners, self.max_batch,
-                          composer)
+                          composer, bool(opts.get("io_binding")))
         twin.authenticity, twin.load_options = self.authenticity, dict(opts)
         return twin
 
@@ -212,6 +233,8 @@ class Runtime:
                                    for i in range(0, len(encoded), self.max_batch)])
         if self.composer is not None:
             return self.composer(encoded, timings)
+        if self._bound is not None:
+            return self._ordered(self._bound(encoded, timings))
         lib = self.library
         start = time.perf_counter()
         raw = lib.run_raw(encoded)
@@ -224,7 +247,13 @@ class Runtime:
             out = expert.run_raw(fed)
             if timings is not None:
                 _add(timings, expert.fragment.id, time.perf_counter() - start)
-            parts.append(out if self._quantized_out else dequantize(out, expert.output))
+            parts.append(out)
+        return self._ordered(parts)
+
+    def _ordered(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Experts' raw outputs -> float logits in ascending class-id order."""
+        if not self._quantized_out:
+            parts = [dequantize(out, e.output) for out, e in zip(parts, self.experts)]
         ordered = np.concatenate(parts, axis=1)[:, self._order]
         if not self._quantized_out:
             return ordered
@@ -250,6 +279,8 @@ class Runtime:
                 "precision": self.selection.precision, "tasks": list(self.tasks), "classes": list(self.classes),
                 "fragments": {f.id: f.bytes for f in self.selection.fragments}, "bytes": self.selection.bytes,
                 "int8_passthrough": dict(zip(self.tasks, self._passthrough)),
+                **({"providers": list(self.library.providers), "io_binding": self._bound is not None}
+                   if hasattr(self.library, "providers") else {}),
                 **({"plan": self.composer.plan.to_json(), "early_exit": self.composer.early_exit}
                    if self.composer is not None and self.composer.plan is not None else {})}
 

@@ -14,8 +14,13 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from .manifest_types import strict_loads
 
 SIGNATURE_ALGORITHM = "ed25519"
 
@@ -46,32 +51,38 @@ def public_key_bytes(public_key: Any) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def public_key_pem(public_key: Any) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) form, as ``KEY.pub`` files hold it."""
+    serialization, _, _ = _crypto()
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def key_id(public_key: Any) -> str:
     """sha256 (hex) of the raw public key: names the key in documents and in the device's state."""
     return hashlib.sha256(public_key_bytes(public_key)).hexdigest()
 
 
 def load_public_key(path: str | Path) -> Any:
-    """An Ed25519 public key from a PEM file (as ``pool-builder keygen`` writes ``KEY.pub``)."""
+    """An Ed25519 public key from a PEM file (as ``poe-service keygen`` writes ``KEY.pub``)."""
     serialization, ed25519, _ = _crypto()
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path} is not a PEM public key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SignatureError(f"{path} is not an Ed25519 public key (pool-builder keygen makes one)")
+        raise SignatureError(f"{path} is not an Ed25519 public key (poe-service keygen makes one)")
     return key
 
 
 def load_private_key(path: str | Path) -> Any:
-    """An Ed25519 private key from an unencrypted PEM file (``pool-builder keygen --out KEY``)."""
+    """An Ed25519 private key from an unencrypted PEM file (``poe-service keygen --out KEY``)."""
     serialization, ed25519, _ = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"{path} is not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SignatureError(f"{path} is not an Ed25519 private key (pool-builder keygen makes one)")
+        raise SignatureError(f"{path} is not an Ed25519 private key (poe-service keygen makes one)")
     return key
 
 
@@ -115,4 +126,73 @@ def verify_document(document: Any, public_key: Any | None, insecure: bool = Fals
     except invalid_signature:
         raise SignatureError("the manifest's signature does not verify (tampered in transit or on disk); "
                              "refusing it") from None
+    return payload
+
+
+EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_expiry(epoch_seconds: float) -> str:
+    """ISO-8601 UTC with a ``Z``, rounded up to the second: ``2026-12-04T17:45:00Z``."""
+    return datetime.fromtimestamp(math.ceil(epoch_seconds), tz=timezone.utc).strftime(EXPIRY_FORMAT)
+
+
+def parse_expiry(value: Any) -> float:
+    """Seconds since the epoch of an ``expires`` field; SignatureError when it is not ISO-8601 UTC."""
+    try:
+        moment = datetime.strptime(str(value), EXPIRY_FORMAT)
+    except ValueError:
+        raise SignatureError(f"the manifest's expiry {value!r} is not an ISO-8601 UTC time like "
+                             f"2026-12-04T17:45:00Z; refusing it") from None
+    return moment.replace(tzinfo=timezone.utc).timestamp()
+
+
+def check_not_expired(payload: dict[str, Any], now: float | None = None) -> None:
+    """Refuse a signed payload whose ``expires`` has passed (or that carries none): replayed old answers.
+
+    Only ``edge-runtime fetch`` calls this, when it talks to the server; a bundle already on a device is
+    never refused for its manifest's age.
+    """
+    if "expires" not in payload:
+        raise SignatureError("the manifest carries no expiry ('expires'); refusing it (a server older than "
+                             "this device, or a replayed answer; --allow-expired accepts it)")
+    expires = parse_expiry(payload["expires"])
+    now = time.time() if now is None else now
+    if now > expires:
+        raise SignatureError(f"the manifest expired at {payload['expires']} (now "
+                             f"{format_expiry(now)}): a replayed old answer, or this device's clock is wrong; "
+                             f"refusing it (--allow-expired accepts it, e.g. offline from a local mirror)")
+
+
+SIGNED_PAYLOAD_HEADER, SIGNATURE_HEADER, KEY_ID_HEADER = "X-Signed-Payload", "X-Signature", "X-Key-Id"
+
+
+def signed_headers(payload: dict[str, Any], private_key: Any) -> dict[str, str]:
+    """A signed description of a binary answer (a fused model) as HTTP headers: the payload in URL-safe base64
+    of its canonical JSON, the signature and key id as in :func:`sign_document`."""
+    document = sign_document(payload, private_key)
+    return {SIGNED_PAYLOAD_HEADER: base64.urlsafe_b64encode(canonical_json(payload)).decode("ascii"),
+            SIGNATURE_HEADER: document["signature"] or "", KEY_ID_HEADER: document["key_id"] or ""}
+
+
+def verify_signed_bytes(data: bytes, headers: Any, public_key: Any) -> dict[str, Any]:
+    """The signed payload of a binary answer after its signature verified and ``data`` matches its
+    ``sha256`` and ``bytes``; ``headers`` is any case-insensitive mapping (``response.headers``) or a dict."""
+    def header(name: str) -> str:
+        value = headers.get(name) or headers.get(name.lower())
+        if not value:
+            raise SignatureError(f"the answer carries no {name} header: unsigned; refusing it")
+        return str(value)
+
+    try:
+        payload = strict_loads(base64.urlsafe_b64decode(header(SIGNED_PAYLOAD_HEADER).encode("ascii")),
+                               f"the {SIGNED_PAYLOAD_HEADER} header")
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"the answer's {SIGNED_PAYLOAD_HEADER} header is malformed ({exc})") from None
+    verify_document({"payload": payload, "signature": header(SIGNATURE_HEADER), "key_id": header(KEY_ID_HEADER)},
+                    public_key)
+    if not isinstance(payload, dict) or payload.get("sha256") != hashlib.sha256(data).hexdigest() \
+            or payload.get("bytes") != len(data):
+        raise SignatureError("the answer's bytes do not match the sha256 and size it was signed with "
+                             "(tampered in transit or in a cache); refusing them")
     return payload

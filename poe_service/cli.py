@@ -12,7 +12,7 @@ from typing import Sequence
 from edge_runtime.cli_errors import missing_extra, run_command
 
 from poe_service.errors import ServiceError
-from poe_service.queries import DEFAULT_MAX_BODY  # numpy and the standard library only
+from poe_service.queries import DEFAULT_MANIFEST_TTL, DEFAULT_MAX_BODY  # numpy and the standard library only
 
 PROG = "poe-service"
 
@@ -38,7 +38,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where fused per-query models are cached (default FRAGMENTS.serve-cache)")
     p.add_argument("--port-file", help="write the bound port here once listening (for scripts and tests)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
-                   help=f"largest accepted request body (default {DEFAULT_MAX_BODY})")
+                   help=f"largest accepted request body (default {DEFAULT_MAX_BODY}; more: 413)")
+    p.add_argument("--manifest-ttl", type=float, default=DEFAULT_MANIFEST_TTL, metavar="SECONDS",
+                   help="signed manifests expire this long after they are signed; devices' fetch refuses expired "
+                        f"ones, so a captured old answer cannot be replayed (default {DEFAULT_MANIFEST_TTL:g}: a day)")
+    limits = p.add_argument_group("limits per client (abuse)")
+    limits.add_argument("--max-header-bytes", type=int, default=32 * 1024,
+                        help="largest request line + headers (default 32768; more: 431, connection closed)")
+    limits.add_argument("--max-headers", type=int, default=100, help="most header fields (default 100; more: 431)")
+    limits.add_argument("--request-timeout", type=float, default=20.0, metavar="SECONDS",
+                        help="a request must arrive whole within this time from its first byte (default 20; "
+                             "else 408, connection closed)")
+    limits.add_argument("--keep-alive", type=int, default=15, metavar="SECONDS",
+                        help="idle keep-alive connections are closed after this (default 15)")
+    limits.add_argument("--max-concurrency", type=int, default=256,
+                        help="connections or requests in flight beyond this are answered 503 (default 256)")
     return root
 
 
@@ -56,7 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(ServeConfig(fragments=args.fragments, host=args.host, port=args.port, key=args.key,
                       version_file=args.version_file, cache_dir=args.cache_dir, port_file=args.port_file,
-                      max_body_bytes=args.max_body_bytes))
+                      max_body_bytes=args.max_body_bytes, manifest_ttl=args.manifest_ttl,
+                      max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                      request_timeout=args.request_timeout, keep_alive=args.keep_alive,
+                      max_concurrency=args.max_concurrency))
     return 0
 
 

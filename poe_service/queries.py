@@ -2,36 +2,41 @@
 
 At start every fragment is verified against the manifest and held in memory
 (fragments are tens of kB), so what is served is exactly what was verified;
-a corrupt fragment directory is refused.  A query names tasks, a format and a
-precision; the answer is a signed document whose payload is the ordinary
-fragment manifest cut down to the library and the queried experts, plus the
-service's monotonically increasing ``version`` and the ``query`` itself.
-Answers are cached per query, so the hot path is a dictionary look-up.
+a corrupt fragment directory, or one whose files resolve outside it (symlinks),
+is refused.  A query names tasks, a format and a precision; the answer is a
+signed document whose payload is the ordinary fragment manifest cut down to the
+library and the queried experts, plus the service's monotonically increasing
+``version``, an ``expires`` time (TUF's timestamp role: a captured old answer
+stops being accepted by fresh fetches) and the ``query`` itself.  Answers are
+cached per query, so the hot path is a dictionary look-up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime.atomic_io import atomic_write_json
-from edge_runtime.manifest import (FORMATS, MANIFEST_NAME, PRECISIONS, ManifestError, check_sha256,
+from edge_runtime.manifest import (FORMATS, MANIFEST_NAME, PRECISIONS, Fragment, ManifestError, check_sha256,
                                    read_manifest, verified_bytes)
+from edge_runtime.manifest_types import strict_loads
 from edge_runtime.query import Query, QueryError
 from edge_runtime.selection import select
-from edge_runtime.signing import key_id, sign_document
+from edge_runtime.signing import format_expiry, key_id, sign_document
 
 from poe_service.errors import ServiceError
+from poe_service.fused import FusedModels
 
 QUERY_FIELDS = ("tasks", "format", "precision")
 DEFAULT_FORMAT, DEFAULT_PRECISION = "tflite", "int8"
-FUSED_PRECISIONS = ("fp32", "int8")
+FUSED_PRECISIONS = ("fp32", "fp16", "int8")
 MAX_CACHED_ANSWERS = 4096
 DEFAULT_MAX_BODY = 16 * 1024  # a query is a few task names; anything bigger is refused with 413
+DEFAULT_MANIFEST_TTL = 86400.0  # seconds a signed manifest stays acceptable to `edge-runtime fetch` (TUF timestamp)
 
 
 class RequestError(ServiceError):
@@ -65,20 +70,36 @@ class QueryService:
     """One fragment directory, verified once, answering catalog, query, blob and fused-model requests."""
 
     def __init__(self, fragments_dir: str | Path, private_key: Any | None = None, version: int = 1,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, manifest_ttl: float = DEFAULT_MANIFEST_TTL,
+                 key_file: str | Path | None = None) -> None:
+        if not manifest_ttl > 0:
+            raise ServiceError(f"--manifest-ttl must be a positive number of seconds, got {manifest_ttl}")
         self.dir = Path(fragments_dir)
         try:
             self.manifest = read_manifest(self.dir)
-            self.blobs = {f.sha256: verified_bytes(self.dir, f) for f in self.manifest.fragments}
+            self.blobs = {f.sha256: self._load(f, key_file) for f in self.manifest.fragments}
         except ManifestError as exc:
             raise ServiceError(f"refusing to serve {self.dir}: {exc}") from None
         self.content_sha256 = hashlib.sha256((self.dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        self.private_key, self.version = private_key, version
+        self.private_key, self.version, self.manifest_ttl = private_key, version, float(manifest_ttl)
         self.key_id = key_id(private_key.public_key()) if private_key is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.variants = self.manifest.variants()
         self.catalog_bytes = _json_dumps(self.catalog())
-        self.answer = lru_cache(maxsize=MAX_CACHED_ANSWERS)(self._answer)
+        self._signed = lru_cache(maxsize=MAX_CACHED_ANSWERS)(self._answer)
+        self.fused_models = FusedModels(self)
+
+    def _load(self, frag: Fragment, key_file: str | Path | None) -> bytes:
+        """A fragment's verified bytes, refusing files that resolve outside the directory (a symlink to the
+        private key, to /etc/...) or that are the signing key itself."""
+        root, path = self.dir.resolve(), (self.dir / frag.file)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            raise ManifestError(f"fragment {frag.id!r}: {path} resolves to {resolved}, outside the fragment "
+                                "directory (a symlink?); copy the file in instead")
+        if key_file is not None and resolved == Path(key_file).resolve():
+            raise ManifestError(f"fragment {frag.id!r}: {path} is the signing key; it is never served")
+        return verified_bytes(self.dir, frag)
 
     # ------------------------------------------------------------------ catalog
     def catalog(self) -> dict[str, Any]:
@@ -107,9 +128,9 @@ class QueryService:
                              '{"tasks": ["footwear", "tops"], "format": "tflite", "precision": "int8"}',
                              list(QUERY_FIELDS))
         try:
-            raw = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}", list(QUERY_FIELDS)) from None
+            raw = strict_loads(body, "request body")
+        except ValueError as exc:  # deep nesting, 5,000-digit numbers, NaN: a 400, never a 500
+            raise RequestError(str(exc), list(QUERY_FIELDS)) from None
         if not isinstance(raw, dict):
             raise RequestError("request body must be a JSON object", list(QUERY_FIELDS))
         unknown = sorted(set(raw) - set(QUERY_FIELDS))
@@ -134,16 +155,26 @@ class QueryService:
                              [f"{f}/{p}" for f, p in self.variants])
         return ServiceRequest(names, fmt, precision)
 
-    def _answer(self, query: ServiceRequest) -> bytes:
-        """The signed per-query manifest as JSON bytes (cached per query by ``answer``)."""
+    def answer(self, query: ServiceRequest, now: float | None = None) -> bytes:
+        """The signed per-query manifest as JSON bytes.
+
+        Signed answers are cached per query and per tenth of the TTL, so every answer handed out is valid for
+        at least 90% of ``manifest_ttl`` while the hot path stays a dictionary look-up.
+        """
+        now = time.time() if now is None else now
+        return self._signed(query, int(now // (self.manifest_ttl / 10)))
+
+    def _answer(self, query: ServiceRequest, _bucket: int) -> bytes:
         selection = select(self.manifest, query.tasks, query.format, query.precision)
         payload = replace(self.manifest, fragments=selection.fragments).to_json()
         payload.update({"version": self.version, "content_sha256": self.content_sha256,
+                        "expires": format_expiry(time.time() + self.manifest_ttl),
                         "query": {"tasks": list(query.tasks), "format": query.format, "precision": query.precision}})
         return _json_dumps(sign_document(payload, self.private_key))
 
     # ------------------------------------------------------------------ blobs and fused models
     def blob(self, sha256: str) -> bytes:
+        """A fragment's bytes by content address, from the verified in-memory copy."""
         try:
             check_sha256("fragment", sha256)
         except ManifestError as exc:
@@ -154,16 +185,8 @@ class QueryService:
                              "lists them", status=404)
         return data
 
-    def fused(self, query: ServiceRequest) -> tuple[Path, tuple[int, ...]]:
-        """The fused ONNX model of a query (converters' fuse step), built once and cached under ``cache_dir``."""
+    def fused(self, query: ServiceRequest) -> tuple[bytes, dict[str, Any]]:
+        """The fused ONNX model of a query and its signed description (see :mod:`poe_service.fused`)."""
         if self.cache_dir is None:
             raise RequestError("this server has no --cache-dir for fused models", status=404)
-        key = hashlib.sha256(_json_dumps([self.content_sha256, query.tasks, query.precision])).hexdigest()[:32]
-        path = self.cache_dir / "fused" / f"{key}.onnx"
-        ids_path = path.with_suffix(".json")
-        if not (path.is_file() and ids_path.is_file()):
-            from converters.fuse import fuse_query  # the server reaches converters only here, lazily
-
-            fused = fuse_query(self.dir, query.tasks, path, query.precision)
-            atomic_write_json(ids_path, {"tasks": list(query.tasks), "class_ids": list(fused.class_ids)})
-        return path, tuple(json.loads(ids_path.read_text(encoding="utf-8"))["class_ids"])
+        return self.fused_models.get(query)

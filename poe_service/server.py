@@ -7,14 +7,18 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``POST /v1/fused``: ``{"tasks": [...], "precision": "fp32"}`` -> one fused ONNX model, cached per query;
 - ``GET``/``HEAD /v1/fragments/{sha256}``: content-addressed bytes with ETag (304) and Range (206, 416).
 
-Every 4xx answer is JSON ``{"error": "...", "valid": [...]}``.
+Every 4xx answer is JSON ``{"error": "...", "valid": [...]}`` (405 also carries ``Allow``).  Abuse limits
+(head size and header count -> 431, request deadline -> 408, concurrency -> 503, keep-alive) are uvicorn
+settings where uvicorn has one and :mod:`poe_service.http_guard` where it has none.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``) at
 # run time, and they are imported inside ``create_app`` so that the CLI does not pay for FastAPI on every call.
 import hashlib
+import os
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +29,8 @@ from edge_runtime.manifest import MANIFEST_NAME, PRECISIONS
 
 from poe_service.errors import ServiceError
 from poe_service.keys import VersionCounter, default_version_file
-from poe_service.queries import (DEFAULT_FORMAT, DEFAULT_MAX_BODY, DEFAULT_PRECISION, FUSED_PRECISIONS, RequestError,
-                                 QueryService)
+from poe_service.queries import (DEFAULT_FORMAT, DEFAULT_MANIFEST_TTL, DEFAULT_MAX_BODY, DEFAULT_PRECISION,
+                                 FUSED_PRECISIONS, RequestError, QueryService)
 
 JSON = "application/json"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -45,12 +49,29 @@ class ServeConfig:
     cache_dir: Optional[str] = None
     port_file: Optional[str] = None
     max_body_bytes: int = DEFAULT_MAX_BODY
+    manifest_ttl: float = DEFAULT_MANIFEST_TTL
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    request_timeout: float = 20.0
+    keep_alive: int = 15
+    max_concurrency: int = 256
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ServiceError(f"--port must be 0 (any free port) to 65535, got {self.port}")
         if self.max_body_bytes < 64:
             raise ServiceError(f"--max-body-bytes must be at least 64, got {self.max_body_bytes}")
+        if not self.manifest_ttl >= 1:
+            raise ServiceError(f"--manifest-ttl must be at least 1 second, got {self.manifest_ttl}")
+        if self.keep_alive < 1 or self.max_concurrency < 1:
+            raise ServiceError(f"--keep-alive and --max-concurrency must be at least 1, got {self.keep_alive} and "
+                               f"{self.max_concurrency}")
+        self.limits()  # checks the head limits and the timeout
+
+    def limits(self) -> "HttpLimits":
+        from poe_service.limits import HttpLimits
+
+        return HttpLimits(self.max_header_bytes, self.max_headers, self.request_timeout)
 
     def resolved_cache_dir(self) -> Path:
         """Default: ``<fragments>.serve-cache`` beside the fragment directory (never inside it)."""
@@ -108,6 +129,7 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
     from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="Pool of Experts query service", version=str(service.version),
                   description=__doc__.split("\n\n", 1)[0])
@@ -127,7 +149,10 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
             return error(404, f"no such endpoint {request.method} {request.url.path}",
                          ["GET /v1/pool", "POST /v1/query", "POST /v1/fused", "GET /v1/fragments/{sha256}",
                           "GET /openapi.json"])
-        return error(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})  # 405 carries Allow (RFC 9110 15.5.6)
+        valid = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+        return error(exc.status_code, f"{request.method} not allowed on {request.url.path}" if exc.status_code == 405
+                     else str(exc.detail), valid, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -139,10 +164,14 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
             raise RequestError(f"request body of {length} bytes is larger than the limit of {max_body_bytes}",
                              status=413)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise RequestError(f"request body is larger than the limit of {max_body_bytes} bytes", status=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise RequestError(f"request body is larger than the limit of {max_body_bytes} bytes",
+                                       status=413)
+        except ClientDisconnect:  # e.g. closed by --request-timeout: nobody is left to answer, and no traceback
+            raise RequestError("the client went away before sending the whole body", status=400) from None
         return bytes(body)
 
     @app.get("/v1/pool", summary="Catalog: tasks, classes, fragments with bytes and measured accuracies",
@@ -159,11 +188,8 @@ def create_app(service: QueryService, max_body_bytes: int = DEFAULT_MAX_BODY) ->
               openapi_extra=_query_schema(fused=True), response_class=Response, responses=_errors(400, 404, 413))
     async def fused(request: Request) -> Response:
         q = service.parse_query(await read_body(request), fused=True)
-        path, class_ids = await run_in_threadpool(service.fused, q)
-        data = path.read_bytes()
-        return Response(data, media_type="application/octet-stream",
-                        headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                                 "X-Class-Ids": ",".join(map(str, class_ids)), "X-Tasks": ",".join(q.tasks)})
+        data, headers = await run_in_threadpool(service.fused, q)
+        return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def fragment(sha256: str, request: Request) -> Response:
         data = service.blob(sha256)
@@ -219,6 +245,8 @@ def open_service(cfg: ServeConfig) -> QueryService:
         private_key = load_private_key(cfg.key) if cfg.key else None
     except (SignatureError, OSError) as exc:
         raise ServiceError(f"--key: {exc}") from None
+    if cfg.key:
+        check_key_mode(cfg.key)
     manifest = Path(cfg.fragments) / MANIFEST_NAME
     if not manifest.is_file():
         raise ServiceError(f"{manifest} not found: --fragments must be a fragment directory "
@@ -227,7 +255,37 @@ def open_service(cfg: ServeConfig) -> QueryService:
     version = 1
     if version_file:
         version = VersionCounter(Path(version_file)).version_for(hashlib.sha256(manifest.read_bytes()).hexdigest())
-    return QueryService(cfg.fragments, private_key, version, cfg.resolved_cache_dir())
+    return QueryService(cfg.fragments, private_key, version, cfg.resolved_cache_dir(), cfg.manifest_ttl,
+                        key_file=cfg.key)
+
+
+def check_key_mode(key: str) -> None:
+    """Refuse a private key that group or others may read: whoever reads it can sign for the whole fleet."""
+    try:
+        mode = os.stat(key).st_mode
+    except OSError as exc:
+        raise ServiceError(f"--key: cannot read {key}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ServiceError(f"--key: {key} is readable by others (mode {stat.S_IMODE(mode):04o}); run "
+                           f"`chmod 600 {key}` (and consider the key leaked if others could read it)")
+
+
+def uvicorn_config(app: Any, cfg: ServeConfig, log: Log) -> Any:
+    """uvicorn's own limits (concurrency, keep-alive, h11 head size), plus the guarded httptools protocol for
+    what uvicorn has no setting for (see :mod:`poe_service.http_guard`)."""
+    import uvicorn
+
+    http: Any = "h11"
+    try:
+        from poe_service.http_guard import guarded_protocol
+
+        http = guarded_protocol(cfg.limits())
+    except ImportError:  # no httptools: h11 bounds the head; header count and request deadline are not enforced
+        log("warning: httptools is not installed: using h11 (slower); only the head size limit applies "
+            "(pip install httptools)")
+    return uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off",
+                          timeout_keep_alive=cfg.keep_alive, limit_concurrency=cfg.max_concurrency,
+                          h11_max_incomplete_event_size=cfg.max_header_bytes)
 
 
 def serve(cfg: ServeConfig, log: Log = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
@@ -247,5 +305,4 @@ def serve(cfg: ServeConfig, log: Log = lambda m: print(m, file=sys.stderr, flush
     log(f"serving pool {service.manifest.pool_id} (manifest version {service.version}, "
         f"{len(service.blobs)} fragments verified, key {service.key_id[:16] if service.key_id else 'none'}) "
         f"on http://{cfg.host}:{port}")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, cfg, log)).run(sockets=[sock])

@@ -67,7 +67,7 @@ def test_failed_gate_publishes_nothing_and_reports(tiny_pool_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(formats=("onnx",), precisions=("fp16",)), "nothing to produce"),
+    (dict(formats=("onnx",), precisions=("bf16",)), "unknown precision 'bf16'"),
     (dict(schemes=("per_channel", "int4")), "unknown quantization scheme 'int4'; valid: per_channel, per_tensor, int16_act"),
     (dict(max_accuracy_drop=-1.0), "must be >= 0"),
     (dict(eval_images=0), "must be >= 1"),

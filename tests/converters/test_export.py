@@ -25,7 +25,7 @@ def test_every_fragment_in_every_format_and_precision(exported, tiny_pool_dir):
     assert summary["ok"] and result.manifest == manifest
     pool = json.loads((tiny_pool_dir / "pool.json").read_text())
     assert manifest.pool_id == pool["pool_id"]
-    assert manifest.variants() == sorted([("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"),
+    assert manifest.variants() == sorted([("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("tflite", "fp32"),
                                           ("tflite", "fp16"), ("tflite", "int8")])
     for fmt, precision in manifest.variants():
         lib = manifest.fragment("library", fmt, precision)
@@ -153,7 +153,7 @@ def test_cli_rejects_unknown_format_and_precision(tiny_pool_dir, tmp_path):
     bad = _cli("export", "--pool", str(tiny_pool_dir), "--out", str(tmp_path / "o"), "--precisions", "int4")
     assert bad.returncode == 2 and "unknown precision 'int4'; valid: fp32, fp16, int8" in bad.stderr
     bad = _cli("export", "--pool", str(tiny_pool_dir), "--out", str(tmp_path / "o"), "--formats", "onnx",
-               "--precisions", "fp16")
-    assert bad.returncode == 2 and "nothing to produce" in bad.stderr
+               "--precisions", "fp8")
+    assert bad.returncode == 2 and "unknown precision 'fp8'" in bad.stderr
     assert not (tmp_path / "o").exists()
     assert set(FORMATS) == {"tflite", "onnx"}

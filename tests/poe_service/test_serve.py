@@ -1,21 +1,17 @@
 """`poe-service serve` as a real process on an ephemeral loopback port, driven by the real `edge-runtime fetch`.
 
 A small stdlib proxy between the two plays the hostile network: it cuts transfers
-and goes away, tampers with manifests and fragments, and replays old answers.
+and goes away, tampers with manifests and fragments, and replays old answers
+(helpers in ``serving.py``; abuse limits, signed fused models and expiry in
+``test_serve_abuse.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import shutil
 import stat
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,164 +20,19 @@ import pytest
 from edge_runtime.manifest import MANIFEST_NAME, read_manifest
 from edge_runtime.signing import load_public_key, verify_document
 
-from ..conftest import ROOT, run_cli_env, serving_in_thread
-
-QUERY = {"tasks": ["footwear", "tops"], "format": "tflite", "precision": "int8"}
-
-
-# --------------------------------------------------------------------------- processes
-
-def _run(module: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=run_cli_env(), cwd=ROOT, timeout=timeout)
-
-
-def fetch_cli(url: str, bundle: Path, tasks: str, *extra) -> subprocess.CompletedProcess:
-    return _run("edge_runtime", "fetch", "--server", url, "--tasks", tasks, "--bundle", bundle, *extra)
-
-
-def fetch_json(url: str, bundle: Path, tasks: str, key: Path, *extra) -> dict:
-    done = fetch_cli(url, bundle, tasks, "--public-key", key, "--json", *extra)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-class Server:
-    """`poe-service serve --port 0 --port-file F` in a subprocess; stopped by its own pid."""
-
-    def __init__(self, fragments: Path, work: Path, key: Path | None, version_file: Path | None = None) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        port_file, self.log = work / "port", work / "server.log"
-        args = ["serve", "--fragments", fragments, "--port", "0", "--port-file", port_file,
-                "--cache-dir", work / "cache"]
-        args += ["--key", key] if key else []
-        args += ["--version-file", version_file] if version_file else []
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "poe_service", *map(str, args)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=run_cli_env(), cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def version(self) -> int:
-        return json.loads(self.request("GET", "/v1/pool")[2])["version"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@contextmanager
-def running(*args, **kwargs):
-    server = Server(*args, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
+from .serving import QUERY, _complete_files, _run, fetch_cli, fetch_json, make_keys, proxy_to, running
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
     """Two key pairs made by `poe-service keygen`: the server's and a stranger's."""
-    root = tmp_path_factory.mktemp("keys")
-    for name in ("server", "other"):
-        done = _run("poe_service", "keygen", "--out", root / name)
-        assert done.returncode == 0, done.stderr
-    return root / "server", root / "other"
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_fragments, keys, tmp_path_factory):
     with running(tiny_fragments[0], tmp_path_factory.mktemp("server"), keys[0]) as srv:
         yield srv
-
-
-# --------------------------------------------------------------------------- a hostile network in between
-
-class Proxy(ThreadingHTTPServer):
-    """Forwards to ``upstream``; ``edit_answer(doc)`` rewrites /v1/query answers, ``edit_blob(bytes)`` fragments,
-    ``cut_blobs`` fragment answers stop halfway (and ``then`` runs, e.g. to shut the proxy down)."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: Server) -> None:
-        super().__init__(("127.0.0.1", 0), ProxyHandler)
-        self.upstream, self.edit_answer, self.edit_blob, self.cut_blobs = upstream, None, None, 0
-        self.ranges: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _forward(self, method: str) -> None:
-        proxy: Proxy = self.server  # type: ignore[assignment]
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
-        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "range")}
-        if "Range" in headers:
-            proxy.ranges.append(headers["Range"])
-        status, got_headers, data = proxy.upstream.request(method, self.path, body, headers)
-        if self.path == "/v1/query" and proxy.edit_answer and status == 200:
-            data = json.dumps(proxy.edit_answer(json.loads(data))).encode()
-        blob = self.path.startswith("/v1/fragments/")
-        if blob and proxy.edit_blob:
-            data = proxy.edit_blob(data)
-        self.send_response(status)
-        for name in ("content-type", "content-range", "etag"):
-            if name in got_headers:
-                self.send_header(name, got_headers[name])
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if blob and proxy.cut_blobs > 0:
-            proxy.cut_blobs -= 1
-            self.wfile.write(data[:len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._forward("GET")
-
-    def do_POST(self) -> None:
-        self._forward("POST")
-
-
-def proxy_to(upstream: Server):
-    return serving_in_thread(Proxy(upstream))
-
-
-def _complete_files(bundle: Path) -> list[str]:
-    """What a device could mistake for finished: everything except *.partial and hidden temporaries."""
-    if not bundle.exists():
-        return []
-    return sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")
-                  if p.is_file() and not p.name.endswith(".partial") and not p.name.startswith("."))
 
 
 # --------------------------------------------------------------------------- tests
@@ -268,14 +119,20 @@ def test_fragments_are_content_addressed_with_etag_and_range(server, tiny_fragme
     (json.dumps({"tasks": ["tops"], "format": "tflite", "precision": "int4"}).encode(), 400, "unknown precision"),
     (json.dumps({"tasks": ["tops"], "colour": 1}).encode(), 400, "unknown field"),
     (json.dumps({"tasks": ["tops"] * 5000}).encode(), 413, "larger than the limit"),
+    (b"[" * 8000 + b"]" * 8000, 400, "nested too deeply"),
+    (b'{"tasks": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b'{"tasks": NaN}', 400, "NaN is not a valid JSON number"),
+    (b'{"tasks": ["tops"], "format": 1e999}', 400, "out of range"),
 ])
 def test_bad_requests_get_a_4xx_json_body(server, body, code, message):
-    status, headers, answer = server.request("POST", "/v1/query", body, {"Content-Type": "application/json"})
-    error = json.loads(answer)
-    assert status == code and headers["content-type"] == "application/json"
-    assert message in error["error"] and isinstance(error["valid"], list)
-    if "unknown task" in message:
-        assert error["valid"] == ["bags", "bottoms", "footwear", "tops"]
+    for endpoint in ("/v1/query", "/v1/fused"):
+        status, headers, answer = server.request("POST", endpoint, body, {"Content-Type": "application/json"})
+        error = json.loads(answer)
+        assert status == code and headers["content-type"] == "application/json", answer
+        assert message in error["error"] and isinstance(error["valid"], list)
+        if "unknown task" in message:
+            assert error["valid"] == ["bags", "bottoms", "footwear", "tops"]
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_unknown_task_from_the_device_is_one_line_exit_2(server, keys, tmp_path):
@@ -298,7 +155,7 @@ def test_fused_model_is_built_once_per_query_and_runs(server):
     assert len(cached) == 1
     again = server.request("POST", "/v1/fused", request)
     assert again[2] == model and list((server.log.parent / "cache" / "fused").glob("*.onnx")) == cached
-    assert server.request("POST", "/v1/fused", json.dumps({"tasks": ["tops"], "precision": "fp16"}).encode())[0] == 400
+    assert server.request("POST", "/v1/fused", json.dumps({"tasks": ["tops"], "precision": "fp8"}).encode())[0] == 400
 
 
 def test_wrong_key_or_unsigned_manifests_are_refused_unless_insecure(server, keys, tiny_fragments, tmp_path):
@@ -408,7 +265,48 @@ def test_server_refuses_a_corrupt_fragment_directory(tiny_fragments, keys, tmp_p
     (["--fragments", "/nonexistent/frag"], "manifest.json not found: --fragments must be a fragment directory"),
     (["--key", "/etc/hostname"], "--key: /etc/hostname is not an unencrypted PEM private key"),
     (["--port", "70000"], "--port must be 0 (any free port) to 65535"),
+    (["--max-header-bytes", "10"], "--max-header-bytes must be >= 1024"),
+    (["--request-timeout", "0"], "--request-timeout > 0"),
+    (["--manifest-ttl", "0"], "--manifest-ttl must be at least 1 second"),
+    (["--max-concurrency", "0"], "--keep-alive and --max-concurrency must be at least 1"),
 ])
 def test_serve_bad_arguments_are_one_line_exit_2(tiny_fragments, args, message):
     done = _run("poe_service", "serve", "--fragments", tiny_fragments[0], "--port", "0", *args)
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_405_answers_carry_allow(server):
+    for method, path, allow in (("GET", "/v1/query", "POST"), ("POST", "/v1/pool", "GET"),
+                                ("PUT", "/v1/fused", "POST")):
+        status, headers, body = server.request(method, path)
+        assert status == 405 and headers["allow"] == allow, (method, path, headers)
+        assert json.loads(body)["valid"] == [allow]
+
+
+def test_insecure_is_refused_for_a_bundle_that_trusts_a_key(server, keys, tmp_path):
+    bundle = tmp_path / "device"
+    fetch_json(server.url, bundle, "tops", f"{keys[0]}.pub")
+    done = fetch_cli(server.url, bundle, "tops,bags", "--insecure")
+    assert done.returncode == 2 and "--insecure refused" in done.stderr and done.stderr.count("\n") == 1
+    done = fetch_cli(server.url, bundle, "tops,bags", "--public-key", f"{keys[1]}.pub")
+    assert done.returncode == 2 and "trusts key" in done.stderr
+
+
+def test_a_narrower_or_other_variant_fetch_keeps_earlier_experts_verifiable(server, keys, tmp_path):
+    pub, bundle = f"{keys[0]}.pub", tmp_path / "device"
+    fetch_json(server.url, bundle, "footwear,tops", pub)
+    narrower = fetch_json(server.url, bundle, "bags", pub)
+    assert narrower["dropped"] == []
+    fetch_json(server.url, bundle, "tops", pub, "--format", "onnx", "--precision", "fp32")
+    held = sorted(f.id for f in read_manifest(bundle).fragments)
+    assert "expert.footwear.tflite.int8" in held and "expert.bags.tflite.int8" in held and \
+        "expert.tops.onnx.fp32" in held
+    done = _run("edge_runtime", "verify", bundle)
+    assert done.returncode == 0, done.stderr
+    earlier = json.loads((bundle / "signed_earlier.json").read_text())["documents"]
+    assert len(earlier) == 2  # the footwear,tops and the bags answers still vouch for their experts
+    raw = json.loads((bundle / "signed_earlier.json").read_text())
+    raw["documents"][0]["payload"]["class_names"][0] = "edited"
+    (bundle / "signed_earlier.json").write_text(json.dumps(raw))
+    done = _run("edge_runtime", "verify", bundle)
+    assert done.returncode == 2 and "signature does not verify" in done.stderr
