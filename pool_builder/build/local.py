@@ -177,7 +177,7 @@ class PoolBuild:
         expert_recs = self._experts(jobs, data, normalizer, oracle, library, train_logits, features, test)
         meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
         write_pool_json(self.out, meta)  # first without checks: the check opens the pool as a user would
-        meta.checks = build_checks(self.out, data.test, cfg, self.log)
+        meta.checks = build_checks(self.out, data.test, self.log)
         meta.checks["warnings"] = self.warnings + meta.checks["warnings"]
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
