@@ -1,7 +1,7 @@
 """A user's own image folder, end to end: ~1,000 real Fashion-MNIST images written as PNG files by the test.
 
 One build with the quick profile's rule (a step budget per stage, epochs derived from the folder's size,
-early stopping on a held-out share), scaled down to run in about a minute on 2 cores; then what it
+early stopping on a held-out share), scaled down to about the tiny build's cost; then what it
 recorded (composite check, colour, absolute paths) and each new error and warning.
 """
 
@@ -25,9 +25,9 @@ from ..conftest import FMNIST_DIR, run_cli_env
 
 PER_CLASS = 100  # 1,000 images: 10 classes as folders named 0..9 (so the hierarchy names them by JSON numbers)
 HIERARCHY = {"tops": [0, 2, 4, 6], "footwear": [5, 7, 9], "bottoms": [1, 3]}  # class 8 (Bag) left out on purpose
-# the quick profile's rule with budgets ~1/8 of quick's and the small oracle of the tiny build
-SMALL = ["--oracle-arch", "wrn_10_1", "--batch-size", "32", "--oracle-steps", "150", "--library-steps", "150",
-         "--expert-steps", "300", "--patience", "5", "--threads", "2", "--no-progress"]
+# the quick profile's rule with budgets ~1/10 of quick's and the small oracle of the tiny build
+SMALL = ["--oracle-arch", "wrn_10_1", "--batch-size", "32", "--oracle-steps", "120", "--library-steps", "100",
+         "--expert-steps", "150", "--patience", "5", "--threads", "2", "--no-progress"]
 
 
 def _write_folder(root: Path) -> Path:
@@ -64,8 +64,8 @@ def test_composite_check_figures_exist_and_are_sane(own_pool):
     pool, run = own_pool
     meta = json.loads((pool / "pool.json").read_text())
     checks = meta["checks"]
-    assert [c["tasks"] for c in checks["composites"]] == [
-        ["bottoms", "footwear", "tops"], ["footwear", "tops"], ["bottoms", "tops"], ["bottoms", "footwear"]]
+    assert sorted(c["tasks"] for c in checks["composites"]) == [
+        ["bottoms", "footwear"], ["bottoms", "footwear", "tops"], ["bottoms", "tops"], ["footwear", "tops"]]
     for c in checks["composites"]:
         assert c["test_images"] > 30 and 0.3 < c["oracle_accuracy"] <= 1 and 0.3 < c["poe_accuracy"] <= 1
         assert abs(c["gap_points"]) < 30 and c["threshold_points"] >= 1.0
@@ -77,8 +77,8 @@ def test_composite_check_figures_exist_and_are_sane(own_pool):
     # the schedule was derived from the folder's size: ~720 training images at batch 32 -> 23 steps an epoch
     settings, build = meta["build"]["settings"], meta["build"]
     assert build["validation_images"] > 50 and build["train_images"] + build["validation_images"] < 1000
-    assert settings["oracle_epochs"] == epochs_for(150, 32, build["train_images"], 1, 200)
-    assert settings["expert_epochs"] == epochs_for(300, 32, build["train_images"], 1, 200) > 10
+    assert settings["oracle_epochs"] == epochs_for(120, 32, build["train_images"], 1, 200)
+    assert settings["expert_epochs"] == epochs_for(150, 32, build["train_images"], 1, 200) > 5
     assert 1 <= meta["oracle"]["metrics"]["best_epoch"] <= meta["oracle"]["metrics"]["epochs_run"]
 
 
