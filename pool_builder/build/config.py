@@ -95,6 +95,8 @@ class BuildConfig:
             raise PoolBuilderError(f"patience must be >= 0 epochs, got {self.patience}")
         if self.color is not None and self.color not in COLORS:
             raise unknown_name("color", self.color, list(COLORS))
+        if self.color is not None and self.dataset != "image_folder":
+            raise PoolBuilderError(f"--color only applies to --dataset image_folder ({self.dataset} has one colour)")
         for name in ("data_dir", "hierarchy"):  # absolute, so query/export from another directory find them
             if getattr(self, name):
                 object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
