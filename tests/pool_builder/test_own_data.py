@@ -26,8 +26,8 @@ from ..conftest import FMNIST_DIR, run_cli_env
 PER_CLASS = 100  # 1,000 images: 10 classes as folders named 0..9 (so the hierarchy names them by JSON numbers)
 HIERARCHY = {"tops": [0, 2, 4, 6], "footwear": [5, 7, 9], "bottoms": [1, 3]}  # class 8 (Bag) left out on purpose
 # the quick profile's rule with budgets ~1/10 of quick's and the small oracle of the tiny build
-SMALL = ["--oracle-arch", "wrn_10_1", "--batch-size", "32", "--oracle-steps", "120", "--library-steps", "100",
-         "--expert-steps", "150", "--patience", "5", "--threads", "2", "--no-progress"]
+SMALL = ["--oracle-arch", "wrn_10_1", "--batch-size", "32", "--oracle-steps", "100", "--library-steps", "60",
+         "--expert-steps", "100", "--patience", "5", "--threads", "2", "--no-progress"]
 
 
 def _write_folder(root: Path) -> Path:
@@ -45,7 +45,7 @@ def _write_folder(root: Path) -> Path:
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pool_builder", *args], cwd=cwd, env=run_cli_env(),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=2400)
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +67,18 @@ def test_composite_check_figures_exist_and_are_sane(own_pool):
     assert sorted(c["tasks"] for c in checks["composites"]) == [
         ["bottoms", "footwear"], ["bottoms", "footwear", "tops"], ["bottoms", "tops"], ["footwear", "tops"]]
     for c in checks["composites"]:
-        assert c["test_images"] > 30 and 0.3 < c["oracle_accuracy"] <= 1 and 0.3 < c["poe_accuracy"] <= 1
-        assert abs(c["gap_points"]) < 30 and c["threshold_points"] >= 1.0
+        assert c["test_images"] > 30 and 0.3 < c["oracle_accuracy"] <= 1 and 0.2 < c["poe_accuracy"] <= 1
+        assert abs(c["gap_points"]) < 40 and c["threshold_points"] >= 1.0
     assert checks["worst_gap"]["gap_points"] == min(c["gap_points"] for c in checks["composites"])
     assert set(checks["logit_scale"]) == {"tops", "footwear", "bottoms"}
     for s in checks["logit_scale"].values():
-        assert 0.5 < s["ratio"] < 2 and s["oracle_mean_top_logit"] > 0
+        assert 0.3 < s["ratio"] < 3 and s["oracle_mean_top_logit"] > 0
     assert "composite check: worst gap" in run.stdout
     # the schedule was derived from the folder's size: ~720 training images at batch 32 -> 23 steps an epoch
     settings, build = meta["build"]["settings"], meta["build"]
     assert build["validation_images"] > 50 and build["train_images"] + build["validation_images"] < 1000
-    assert settings["oracle_epochs"] == epochs_for(120, 32, build["train_images"], 1, 200)
-    assert settings["expert_epochs"] == epochs_for(150, 32, build["train_images"], 1, 200) > 5
+    assert settings["oracle_epochs"] == epochs_for(100, 32, build["train_images"], 1, 200)
+    assert settings["expert_epochs"] == epochs_for(100, 32, build["train_images"], 1, 200) > 3
     assert 1 <= meta["oracle"]["metrics"]["best_epoch"] <= meta["oracle"]["metrics"]["epochs_run"]
 
 
