@@ -78,6 +78,22 @@ def _queries(tasks: list[str]) -> list[tuple[str, ...]]:
     return everything + list(itertools.combinations(tasks, 2))
 
 
+def _suspect(pool: Pool, report: QueryReport, scales: dict[str, dict[str, float]]) -> str:
+    """Which expert of a failing composite to look at first: the one furthest off the oracle's logit scale when
+    one is off, otherwise the one with the largest gap on its own task."""
+    def off(task: str) -> float:
+        return abs(math.log(max(1e-6, scales.get(task, {}).get("ratio", 1.0))))
+
+    furthest = max(report.tasks, key=off)
+    if off(furthest) > math.log(SCALE_TOLERANCE):
+        return f"expert {furthest!r} is off the oracle's logit scale ({scales[furthest]['ratio']:.2f}x)"
+    metrics = {t: pool.meta.experts[t].metrics for t in report.tasks}
+    gaps = {t: 100 * (m.get("accuracy", 0.0) - m.get("oracle_accuracy", 0.0)) for t, m in metrics.items()}
+    worst = min(gaps, key=gaps.__getitem__)
+    return (f"no expert is off the oracle's logit scale; expert {worst!r} has the largest gap on its own task "
+            f"({gaps[worst]:+.1f} points)")
+
+
 def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None]) -> dict[str, Any]:
     """Score composites and logit scales of a freshly written pool; log the worst gap and one line per warning."""
     pool = Pool.open(pool_dir)
@@ -100,10 +116,8 @@ def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None]) 
                            "gap_points": round(report.gap_points, 2), "threshold_points": round(threshold, 2),
                            "cross_expert_error_share": round(report.cross_expert_error_share, 3)})
         if report.gap_points < -threshold:
-            worst = max(report.tasks, key=lambda t: abs(math.log(max(1e-6, scales.get(t, {}).get("ratio", 1.0)))))
             warnings.append(f"composite {','.join(report.tasks)} is {-report.gap_points:.1f} points below the oracle "
-                            f"restricted to its classes (threshold {threshold:.1f}); expert {worst!r} is furthest "
-                            f"from the oracle's logit scale ({scales.get(worst, {}).get('ratio', float('nan')):.2f}x): "
+                            f"restricted to its classes (threshold {threshold:.1f}); {_suspect(pool, report, scales)}: "
                             "try more expert steps (--expert-steps) or a larger --alpha")
     worst_gap = min(composites, key=lambda c: c["gap_points"]) if composites else None
     if worst_gap:

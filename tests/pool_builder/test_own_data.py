@@ -160,3 +160,15 @@ def test_early_stop_keeps_the_best_epoch():
     assert epoch == 4 and stop.best_epoch == 2
     stop.restore(model)
     assert torch.equal(model.weight, kept)
+
+
+def test_gap_threshold_is_two_paired_standard_errors_at_least_one_point():
+    from pool_builder.pool.checks import gap_threshold
+    from pool_builder.pool.evaluate import QueryReport
+
+    def report(n: int, only_oracle: int, only_poe: int) -> QueryReport:
+        return QueryReport(["a", "b"], [], n, 0.8, 0.85, -5.0, 1, 1, 0.0, 0.0, 0, 0, 0.0,
+                           oracle_only_right=only_oracle, poe_only_right=only_poe)
+
+    assert gap_threshold(report(200, 14, 2)) == pytest.approx(4.0)  # 2 * 100 * sqrt(16) / 200
+    assert gap_threshold(report(10000, 30, 6)) == 1.0  # many images: the 1-point floor
