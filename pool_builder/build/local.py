@@ -176,8 +176,7 @@ class PoolBuild:
         test = ExpertTestSet(test_features, test_logits, data.test.labels, val_features, self.val_logits)
         expert_recs = self._experts(jobs, data, normalizer, oracle, library, train_logits, features, test)
         meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
-        write_pool_json(self.out, meta)  # first without checks: the check opens the pool as a user would
-        meta.checks = build_checks(self.out, data.test, self.log)
+        meta.checks = build_checks(self.out, data.test, self.log, meta)  # loads the files as `query` does
         meta.checks["warnings"] = self.warnings + meta.checks["warnings"]
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "

@@ -35,6 +35,7 @@ import torch
 from pool_builder.data.datasets import Split
 from pool_builder.distillation.training import run_batched
 from pool_builder.pool.evaluate import Evaluator, QueryReport
+from pool_builder.pool.format import PoolMetadata
 from pool_builder.pool.loader import Pool
 
 GAP_FLOOR_POINTS = 1.0
@@ -94,9 +95,11 @@ def _suspect(pool: Pool, report: QueryReport, scales: dict[str, dict[str, float]
             f"({gaps[worst]:+.1f} points)")
 
 
-def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None]) -> dict[str, Any]:
-    """Score composites and logit scales of a freshly written pool; log the worst gap and one line per warning."""
-    pool = Pool.open(pool_dir)
+def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None],
+                 meta: PoolMetadata | None = None) -> dict[str, Any]:
+    """Score composites and logit scales of a pool (``meta``: its pool.json, not yet written, as the build has it);
+    log the worst gap and one line per warning."""
+    pool = Pool(pool_dir, meta) if meta is not None else Pool.open(pool_dir)
     evaluator = Evaluator(pool, test)
     scales = logit_scales(pool, test, evaluator.oracle_logits)
     warnings = []
