@@ -138,10 +138,11 @@ def test_an_expert_off_the_oracle_scale_is_named(own_pool, tmp_path):
 def test_mixed_colours_exit_2_with_counts(tmp_path):
     from PIL import Image
 
-    for cls, mode in (("a", "L"), ("b", "RGB")):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
-        for i in range(4):
-            Image.new(mode, (8, 8)).save(tmp_path / "imgs" / cls / f"{cls}{i}.png")
+    for split, count in (("train", 3), ("test", 1)):
+        for cls, mode in (("a", "L"), ("b", "RGB")):  # "a" sorts first: it used to decide grey for all
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new(mode, (8, 8)).save(tmp_path / "imgs" / split / cls / f"{cls}{i}.png")
     run = _cli(["build", "--dataset", "image_folder", "--data-dir", "imgs", "--out", "p"], tmp_path)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
     assert "mixes 4 grey and 4 RGB images" in run.stderr and "--color grey or --color rgb" in run.stderr
