@@ -68,7 +68,9 @@ def logit_scales(pool: Pool, test: Split, oracle_logits: np.ndarray) -> dict[str
             top = float(expert(features[torch.from_numpy(rows)]).max(1).values.mean())
         oracle_top = float(oracle_logits[rows][:, ids].max(1).mean())
         out[task] = {"expert_mean_top_logit": round(top, 3), "oracle_mean_top_logit": round(oracle_top, 3),
-                     "ratio": round(top / oracle_top, 3) if oracle_top > 0 else float("nan")}
+                     # a ratio needs a positive reference: an oracle giving log-probabilities (mean_probs fusion)
+                     # has top "logits" <= 0, and then the two levels are recorded without a ratio
+                     "ratio": round(top / oracle_top, 3) if oracle_top > 1e-6 else None}
     return out
 
 
@@ -83,7 +85,7 @@ def _suspect(pool: Pool, report: QueryReport, scales: dict[str, dict[str, float]
     """Which expert of a failing composite to look at first: the one furthest off the oracle's logit scale when
     one is off, otherwise the one with the largest gap on its own task."""
     def off(task: str) -> float:
-        return abs(math.log(max(1e-6, scales.get(task, {}).get("ratio", 1.0))))
+        return abs(math.log(max(1e-6, scales.get(task, {}).get("ratio") or 1.0)))
 
     furthest = max(report.tasks, key=off)
     if off(furthest) > math.log(SCALE_TOLERANCE):
@@ -104,7 +106,7 @@ def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None],
     scales = logit_scales(pool, test, evaluator.oracle_logits)
     warnings = []
     for task, s in scales.items():
-        if not 1 / SCALE_TOLERANCE <= s["ratio"] <= SCALE_TOLERANCE:
+        if s["ratio"] is not None and not 1 / SCALE_TOLERANCE <= s["ratio"] <= SCALE_TOLERANCE:
             warnings.append(f"expert {task!r} logits are {s['ratio']:.2f}x the oracle's scale (mean top logit "
                             f"{s['expert_mean_top_logit']:.2f} vs {s['oracle_mean_top_logit']:.2f}): its answers "
                             "win or lose against other experts for the wrong reason; try more expert steps "
@@ -112,6 +114,8 @@ def build_checks(pool_dir: str | Path, test: Split, log: Callable[[str], None],
     composites = []
     for query in _queries(list(pool.meta.experts)):
         report = evaluator.query(list(query), repeats=1)
+        if report.test_images == 0:  # no test image of these classes: nothing to score (and no NaN in pool.json)
+            continue
         threshold = gap_threshold(report)
         composites.append({"tasks": report.tasks, "test_images": report.test_images,
                            "poe_accuracy": round(report.poe_accuracy, 4),
