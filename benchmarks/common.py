@@ -80,14 +80,19 @@ def print_report(section_dir: Path) -> int:
     return 0
 
 
+def plural(noun: str) -> str:
+    """English plural of a kind of name ("section" -> "sections", "class" -> "classes")."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x", "z")) else "s")
+
+
 def choose(text: str, valid: Sequence[str], kind: str) -> list[str]:
     """Comma-separated names, each one of ``valid``; the error lists the valid ones."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise BenchError(f"no {kind} given; valid {kind}s: {', '.join(valid)}")
+        raise BenchError(f"no {kind} given; valid {plural(kind)}: {', '.join(valid)}")
     for name in names:
         if name not in valid:
-            raise BenchError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+            raise BenchError(f"unknown {kind} {name!r}; valid {plural(kind)}: {', '.join(valid)}")
     return names
 
 

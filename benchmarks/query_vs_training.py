@@ -38,7 +38,7 @@ from benchmarks.common import (BenchArgumentParser, BenchError, Headline, choose
                                run_main, save_figure, section_parser)
 from benchmarks.time_to_accuracy import TrainingPlan, measure_query, query_data  # noqa: E402
 from pool_builder.stages.cache import open_cache, read_record  # noqa: E402
-from pool_builder.data.datasets import Dataset, load_dataset  # noqa: E402
+from pool_builder.data.datasets import Dataset, reload_dataset  # noqa: E402
 from pool_builder.pool.evaluate import Evaluator, predict_logits  # noqa: E402
 from pool_builder.pool.loader import Pool  # noqa: E402
 
@@ -84,7 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def pool_dataset(pool: Pool, data_dir: str | None) -> Dataset:
     """The training and test images the pool was built and evaluated on (same limits and seed)."""
     settings = pool.meta.build.get("settings", {})
-    full = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
+    full = reload_dataset(pool.meta.dataset.name, settings, data_dir)
     if tuple(full.class_names) != tuple(pool.meta.dataset.class_names):
         raise BenchError(f"data set classes {list(full.class_names)} differ from the pool's "
                                f"{pool.meta.dataset.class_names}")

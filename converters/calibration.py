@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pool_builder.data.datasets import load_dataset
+from pool_builder.data.datasets import reload_dataset
 from pool_builder.pool.evaluate import held_out_split
 from pool_builder.pool.loader import Pool
 
@@ -63,7 +63,7 @@ def calibration_images(pool: Pool, count: int, data_dir: str | None = None, npy_
         images = images[:count]
         return ImageSet(_normalized(pool, images), np.full(len(images), -1, dtype=np.int64))
     settings = pool.meta.build.get("settings", {})
-    dataset = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
+    dataset = reload_dataset(pool.meta.dataset.name, settings, data_dir)
     split = dataset.train.stratified(count, seed)
     return ImageSet(_normalized(pool, split.images), split.labels)
 

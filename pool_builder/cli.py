@@ -40,9 +40,22 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                                             "(default: fitted on the validation share)")
     p.add_argument("--val-fraction", type=float,
                    help="share of training images held out from teacher training for fitting weights (default 0.1)")
-    for name in ("train-limit", "test-limit", "oracle-epochs", "library-epochs", "expert-epochs", "batch-size",
-                 "seed", "threads"):
+    p.add_argument("--color", help="image_folder: grey or rgb converts every image (default: all must agree)")
+    for name in ("train-limit", "test-limit", "batch-size", "seed", "threads"):
         p.add_argument(f"--{name}", type=int)
+    sched = p.add_argument_group("schedule (see docs/pool_builder.md, Profiles): a step budget per stage, "
+                                 "epochs = clamp(ceil(steps * batch / training images), min, max)")
+    for stage in ("oracle", "library", "expert"):
+        sched.add_argument(f"--{stage}-steps", type=int, help=f"optimiser steps budget of the {stage} stage")
+        sched.add_argument(f"--{stage}-epochs", type=int, help=f"fixed epochs of the {stage} stage (overrides steps)")
+    sched.add_argument("--min-epochs", type=int, help="at least this many epochs per stage (default 1)")
+    sched.add_argument("--max-epochs", type=int, help="at most this many epochs per stage (default 200)")
+    sched.add_argument("--val-share", type=float, help="share of training images held out for early stopping "
+                                                      "(default 0.1; 0 = none)")
+    sched.add_argument("--val-max", type=int, help="at most this many held-out images (default 5000)")
+    sched.add_argument("--patience", type=int, help="epochs without a better validation loss before a stage stops "
+                                                    "(default 10; 0 = never early, still keeps the best epoch)")
+    sched.add_argument("--oracle-floor", type=float, help="warn when the oracle's test accuracy is below (default 0.7)")
     for name in ("expert-width", "alpha", "temperature", "lr", "expert-lr"):
         p.add_argument(f"--{name}", type=float)
     p.add_argument("--expert-stages", type=int,
@@ -139,7 +152,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"ensemble": _ensemble(args), **{k: getattr(args, k) for k in (
         "dataset", "data_dir", "hierarchy", "oracle_file", "oracle_arch", "student_arch", "train_limit", "test_limit",
         "oracle_epochs", "library_epochs", "expert_epochs", "batch_size", "seed", "threads", "expert_width", "alpha",
-        "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers", "expert_stages", "stage_width")}}
+        "temperature", "lr", "expert_lr", "cache_dtype", "online", "library_workers", "expert_stages", "stage_width",
+        "color", "oracle_steps", "library_steps", "expert_steps", "min_epochs", "max_epochs", "val_share", "val_max",
+        "patience", "oracle_floor")}}
     cfg = config_for(args.profile, out=args.out, **overrides)
     if args.backend == "ray":
         from pool_builder.build.ray_backend import ray_options, build_pool_on_ray
@@ -166,6 +181,12 @@ def cmd_build(args: argparse.Namespace) -> int:
              f"{e.metrics['build_seconds']:.1f}"] for t, e in meta.experts.items()]
     print(format_table(["expert", "classes", "params", "accuracy", "oracle (restricted)", "gap (pts)",
                         "|logit - oracle|", "build s"], rows))
+    worst = meta.checks.get("worst_gap")
+    if worst:
+        print(f"composite check: worst gap {worst['gap_points']:+.2f} points on {','.join(worst['tasks'])} "
+              f"({worst['test_images']} test images; threshold {worst['threshold_points']:.2f})")
+    for line in meta.checks.get("warnings", []):
+        print(f"warning: {line}")
     return 0
 
 

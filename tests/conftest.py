@@ -16,7 +16,7 @@ FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnis
 
 # Tiny but real: every stage of the method on 600 training images.
 TINY_BUILD = dict(train_limit=600, test_limit=300, oracle_arch="wrn_10_1", oracle_epochs=6, student_arch="wrn_16_1",
-                  library_epochs=8, expert_epochs=20, batch_size=32, threads=2)
+                  library_epochs=8, expert_epochs=20, batch_size=32, threads=2, val_share=0.0)
 
 
 def tiny_cli_args(skip: tuple[str, ...] = ()) -> list[str]:

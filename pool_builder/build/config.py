@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from pool_builder.distillation.ddp import validate_library_workers
 from pool_builder.distillation.training import TrainConfig
+from pool_builder.data.datasets import COLORS
 from pool_builder.errors import PoolBuilderError, unknown_name
 from pool_builder.models.ensemble import EnsembleConfig
 from pool_builder.models.registry import list_models
@@ -27,10 +30,22 @@ class BuildConfig:
     test_limit: int | None = 5000
     oracle_arch: str | None = "wrn_16_2"  # with oracle_file: None = TorchScript, a name = state dict
     oracle_file: str | None = None
-    oracle_epochs: int = 3
+    # Training length: a budget of optimiser steps per stage; epochs = clamp(ceil(steps * batch / n_train),
+    # min_epochs, max_epochs) once the data set's size is known (resolve_schedule).  An explicit *_epochs wins.
+    oracle_epochs: int | None = None
     student_arch: str = "wrn_16_1"
-    library_epochs: int = 6
-    expert_epochs: int = 15
+    library_epochs: int | None = None
+    expert_epochs: int | None = None
+    oracle_steps: int = 250
+    library_steps: int = 500
+    expert_steps: int = 1260
+    min_epochs: int = 1
+    max_epochs: int = 200
+    val_share: float = 0.1  # of the training images, held out for early stopping (0: none)
+    val_max: int = 5000  # at most this many held-out images
+    patience: int = 10  # epochs without a better validation loss before a stage stops (0: never stops early)
+    oracle_floor: float = 0.7  # warn when the oracle's test accuracy is below this (pool/checks.py)
+    color: str | None = None  # image_folder: "grey" or "rgb" converts every image; None: all must agree
     expert_width: float = 0.25
     temperature: float = 4.0
     alpha: float = 0.3
@@ -68,9 +83,23 @@ class BuildConfig:
             object.__setattr__(self, "stage_width", self.expert_width)
         if not 0 < self.stage_width <= 1:
             raise PoolBuilderError(f"stage width must be in (0, 1], got {self.stage_width}")
-        for name in ("oracle_epochs", "library_epochs", "expert_epochs"):
-            if getattr(self, name) < 1:
+        for name in ("oracle_epochs", "library_epochs", "expert_epochs", "oracle_steps", "library_steps",
+                     "expert_steps", "min_epochs", "max_epochs", "val_max"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PoolBuilderError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.min_epochs > self.max_epochs:
+            raise PoolBuilderError(f"min epochs ({self.min_epochs}) exceed max epochs ({self.max_epochs})")
+        if not 0 <= self.val_share < 0.5:
+            raise PoolBuilderError(f"validation share must be in [0, 0.5), got {self.val_share}")
+        if self.patience < 0:
+            raise PoolBuilderError(f"patience must be >= 0 epochs, got {self.patience}")
+        if self.color is not None and self.color not in COLORS:
+            raise unknown_name("color", self.color, list(COLORS))
+        if self.color is not None and self.dataset != "image_folder":
+            raise PoolBuilderError(f"--color only applies to --dataset image_folder ({self.dataset} has one colour)")
+        for name in ("data_dir", "hierarchy"):  # absolute, so query/export from another directory find them
+            if getattr(self, name):
+                object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         if self.student_arch not in list_models("wrn_*"):
             raise unknown_name("student architecture", self.student_arch, list_models("wrn_*"))
         if self.oracle_file is None and self.oracle_arch is None and self.ensemble is None:
@@ -84,12 +113,14 @@ class BuildConfig:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # ~5 min of compute on 2 cores: a 12k-image stratified subset, short schedules.
-    "quick": dict(train_limit=12000, test_limit=5000, oracle_arch="wrn_16_2", oracle_epochs=3,
-                  library_epochs=6, expert_epochs=15),
-    # All 60k training and 10k test images (~40 min on 2 cores).
-    "full": dict(train_limit=None, test_limit=None, oracle_arch="wrn_16_2", oracle_epochs=6,
-                 library_epochs=8, expert_epochs=15),
+    # ~5 min of compute on 2 cores: at most 12k stratified images.  The step budgets are the former
+    # 3 / 6 / 15 epochs over 10.8k training images (12k less the 10 % validation share) at batch 128;
+    # a smaller data set gets proportionally more epochs (1.4k images: 26 / 51 / 128).
+    "quick": dict(train_limit=12000, test_limit=5000, oracle_arch="wrn_16_2", oracle_steps=250,
+                  library_steps=500, expert_steps=1260),
+    # All 60k training and 10k test images (~40 min on 2 cores): 6 / 8 / 15 epochs over 55k images.
+    "full": dict(train_limit=None, test_limit=None, oracle_arch="wrn_16_2", oracle_steps=2570,
+                 library_steps=3430, expert_steps=6440),
 }
 
 
@@ -112,6 +143,21 @@ def config_for(profile: str, **overrides: Any) -> BuildConfig:
     return BuildConfig(profile=profile, **settings)
 
 
-def train_config(cfg: BuildConfig, epochs: int, lr: float, offset: int) -> TrainConfig:
+def epochs_for(steps: int, batch_size: int, n_train: int, min_epochs: int, max_epochs: int) -> int:
+    """Epochs that give about ``steps`` optimiser steps over ``n_train`` images: the same budget whatever
+    the data set's size, within [min_epochs, max_epochs]."""
+    return max(min_epochs, min(max_epochs, math.ceil(steps * batch_size / max(1, n_train))))
+
+
+def resolve_schedule(cfg: BuildConfig, n_train: int) -> BuildConfig:
+    """``cfg`` with every stage's epochs fixed for ``n_train`` training images (explicit epochs are kept)."""
+    return replace(cfg, **{f"{stage}_epochs": getattr(cfg, f"{stage}_epochs") or epochs_for(
+        getattr(cfg, f"{stage}_steps"), cfg.batch_size, n_train, cfg.min_epochs, cfg.max_epochs)
+        for stage in ("oracle", "library", "expert")})
+
+
+def train_config(cfg: BuildConfig, epochs: int | None, lr: float, offset: int) -> TrainConfig:
     """A stage's optimiser settings; its seed derives from the build seed and the stage's offset."""
+    if epochs is None:
+        raise PoolBuilderError("internal: the schedule was not resolved (resolve_schedule) before training")
     return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, seed=stage_seed(cfg.seed, offset))

@@ -23,19 +23,21 @@ import torch
 from edge_runtime.atomic_io import LockBusyError, atomic_write_bytes, exclusive_lock, sha256_bytes, sha256_file
 
 from pool_builder import __version__
-from pool_builder.build.config import BuildConfig, train_config
+from pool_builder.build.config import BuildConfig, resolve_schedule, train_config
 from pool_builder.build.experts import ExpertJob, ExpertTestSet, train_expert
 from pool_builder.build.progressive import build_progressive_expert_stages, with_stages
 from pool_builder.build.teachers import TeacherStages
-from pool_builder.data.datasets import Dataset, Normalizer, load_dataset
+from pool_builder.data.datasets import Dataset, Normalizer, Split, load_dataset
 from pool_builder.data.hierarchy import TaskHierarchy
 from pool_builder.distillation.ddp import HelperRanks, LocalRanks, distill_library_parallel, local_cpus
-from pool_builder.distillation.training import (TrainConfig, cached_source, distill_student, online_source, run_batched,
-                                                train_classifier)
+from pool_builder.distillation.losses import kd_loss
+from pool_builder.distillation.training import (EarlyStop, TrainConfig, cached_source, distill_student, online_source,
+                                                run_batched, train_classifier)
 from pool_builder.errors import PoolBuilderError
 from pool_builder.models.registry import KIND_LIBRARY, KIND_TORCHSCRIPT, create_model, list_models, named_architecture
 from pool_builder.models.weights import load_module, load_user_oracle, save_state_dict
 from pool_builder.models.wrn import Library, WideResNet, count_parameters, library_architecture
+from pool_builder.pool.checks import build_checks, oracle_warnings
 from pool_builder.pool.evaluate import predict_logits
 from pool_builder.pool.format import DatasetInfo, ExpertEntry, ModelEntry, PoolMetadata, write_pool_json
 from pool_builder.stages.cache import cached_array
@@ -67,6 +69,9 @@ class PoolBuild:
         self.teachers: dict[str, StageRecord] = {}  # members of a multi-teacher oracle
         # torch threads of this build; caches and experts record it, as the thread count changes their bits
         self.threads = cfg.threads or torch.get_num_threads()
+        self.val: Split | None = None  # the share held out of the training images for early stopping
+        self.val_logits: np.ndarray | None = None  # the oracle's logits on it
+        self.warnings: list[str] = []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -120,13 +125,21 @@ class PoolBuild:
             torch.set_num_threads(cfg.threads)
         if cfg.library_workers > 1:
             self._check_library_workers()
-        full = load_dataset(cfg.dataset, cfg.data_dir)
+        full = load_dataset(cfg.dataset, cfg.data_dir, cfg.color)
         data = full.limited(cfg.train_limit, cfg.test_limit, cfg.seed)
         hierarchy = (TaskHierarchy.from_json(cfg.hierarchy, data.class_names) if cfg.hierarchy
                      else TaskHierarchy.default_for(cfg.dataset, data.class_names))
+        rest, self.val = data.train.hold_out(cfg.val_share, cfg.val_max, cfg.seed + 7)
+        data = Dataset(data.name, data.class_names, rest, data.test, data.mean, data.std, data.color)
+        self.cfg = cfg = resolve_schedule(cfg, len(data.train))
         normalizer = Normalizer(data.mean, data.std)
-        self.log(f"data: {cfg.dataset} {len(data.train)} train / {len(data.test)} test images "
-                 f"{data.input_shape}, tasks: {', '.join(hierarchy.task_names)}")
+        self.log(f"data: {cfg.dataset} {len(data.train)} train / {len(self.val) if self.val else 0} validation / "
+                 f"{len(data.test)} test images {data.input_shape}, tasks: {', '.join(hierarchy.task_names)}; "
+                 f"epochs: oracle {cfg.oracle_epochs}, library {cfg.library_epochs}, experts {cfg.expert_epochs}")
+        if hierarchy.uncovered():
+            self._warn(f"no task lists the class(es) {', '.join(map(repr, hierarchy.uncovered()))}: no composed model "
+                       "can answer them (the device labels such an image as one of the query's classes); add them "
+                       "to a task in the hierarchy, or drop their folders")
         # every stage's fingerprint includes this one, so a new pool_builder version rebuilds everything
         data_fp = fingerprint_of(__version__, cfg.dataset, hashlib.sha256(data.train.images).hexdigest(),
                                hashlib.sha256(data.train.labels).hexdigest(), data.mean, data.std)
@@ -140,6 +153,10 @@ class PoolBuild:
                 "oracle logits")
         test_logits = predict_logits(oracle, data.test.images, normalizer)
         oracle_rec.metrics["test_accuracy"] = float((test_logits.argmax(1) == data.test.labels).mean())
+        self.val_logits = predict_logits(oracle, self.val.images, normalizer) if self.val else None
+        for line in oracle_warnings(oracle_rec.metrics["test_accuracy"], train_logits, data.train.labels,
+                                    cfg.oracle_floor):
+            self._warn(line)
 
         library_rec, library = self._library(data, normalizer, data_fp, oracle_rec, oracle, train_logits)
         features = None
@@ -154,13 +171,29 @@ class PoolBuild:
 
         jobs = [self._expert_job(task, hierarchy.class_ids(task), data_fp, oracle_rec, library_rec, library)
                 for task in hierarchy.task_names]
-        test = ExpertTestSet(test_features, test_logits, data.test.labels)
+        val_features = (torch.from_numpy(np.concatenate([o for _r, o in run_batched(
+            library, self.val.images, normalizer, show_progress=False)])) if self.val else None)
+        test = ExpertTestSet(test_features, test_logits, data.test.labels, val_features, self.val_logits)
         expert_recs = self._experts(jobs, data, normalizer, oracle, library, train_logits, features, test)
         meta = self._metadata(data, hierarchy, oracle_rec, library_rec, expert_recs)
+        meta.checks = build_checks(self.out, data.test, self.log, meta)  # loads the files as `query` does
+        meta.checks["warnings"] = self.warnings + meta.checks["warnings"]
         write_pool_json(self.out, meta)
         self.log(f"pool written to {self.out / 'pool.json'} (pool id {meta.pool_id}; "
                  f"ran {', '.join(self.ran) or 'nothing'}; reused {', '.join(self.reused) or 'nothing'})")
         return meta
+
+    def _warn(self, line: str) -> None:
+        """A one-line warning: logged now, and kept for pool.json's ``checks``."""
+        self.warnings.append(line)
+        self.log(f"warning: {line}")
+
+    def _val_parts(self) -> list[dict[str, Any]]:
+        """What early stopping adds to a stage's fingerprint (nothing when no share is held out)."""
+        return [{"val": len(self.val), "patience": self.cfg.patience}] if self.val else []
+
+    def _early_stop(self, score: Callable[[], float]) -> EarlyStop | None:
+        return EarlyStop(score, self.cfg.patience) if self.val else None
 
     def _oracle(self, data: Dataset, normalizer: Normalizer, data_fp: str) -> tuple[StageRecord, torch.nn.Module]:
         cfg = self.cfg
@@ -175,7 +208,7 @@ class PoolBuild:
             fingerprint = fingerprint_of("user", user_sha, cfg.oracle_arch)
         else:
             fingerprint = fingerprint_of("train", data_fp, cfg.oracle_arch, cfg.oracle_epochs, cfg.lr,
-                                       cfg.batch_size, cfg.seed)
+                                       cfg.batch_size, cfg.seed, *self._val_parts())
 
         def run() -> StageRecord:
             if cfg.oracle_file:
@@ -189,13 +222,17 @@ class PoolBuild:
                 return StageRecord(fingerprint, name, sha, arch, count_parameters(model), 0.0, {"source": "user"})
             self._seed(1)
             model = create_model(cfg.oracle_arch, in_channels=data.input_shape[0], num_classes=data.num_classes)
+            stop = self._early_stop(lambda: float(torch.nn.functional.cross_entropy(
+                torch.from_numpy(predict_logits(model, self.val.images, normalizer)),
+                torch.from_numpy(self.val.labels))))
             loss = train_classifier(model, data.train.images, data.train.labels, normalizer,
                                     self._train_cfg(cfg.oracle_epochs, cfg.lr * 2, 1), show_progress=self.show_progress,
-                                    checkpoint=self.stages.checkpoint("oracle", fingerprint))
+                                    checkpoint=self.stages.checkpoint("oracle", fingerprint), early_stop=stop)
             arch = named_architecture(cfg.oracle_arch, data.input_shape[0], data.num_classes)
             sha = save_state_dict(model, self.out / "oracle.pt")
             return StageRecord(fingerprint, "oracle.pt", sha, arch, count_parameters(model), 0.0,
-                               {"source": "trained", "final_train_loss": round(loss, 4)})
+                               {"source": "trained", "final_train_loss": round(loss, 4),
+                                **(stop.metrics() if stop else {})})
 
         record = self.stages.run("oracle", fingerprint, run)
         return record, load_module(record.architecture, self.out / record.file, "oracle")
@@ -207,7 +244,7 @@ class PoolBuild:
         # data-parallel training gives other bits, so N > 1 ranks is part of it (N = 1 keeps the old fingerprint)
         parallel = [{"library_workers": cfg.library_workers}] if cfg.library_workers > 1 else []
         fingerprint = fingerprint_of(oracle_rec.sha256, data_fp, cfg.student_arch, cfg.library_epochs, cfg.temperature,
-                                   cfg.lr, cfg.batch_size, cfg.seed, *parallel)
+                                   cfg.lr, cfg.batch_size, cfg.seed, *parallel, *self._val_parts())
 
         def run() -> StageRecord:
             self._seed(2)
@@ -216,6 +253,7 @@ class PoolBuild:
                 raise PoolBuilderError(f"student {cfg.student_arch!r} must be a WRN (choices: {list_models('wrn_*')})")
             train_cfg = self._train_cfg(cfg.library_epochs, cfg.lr, 2)
             checkpoint = self.stages.checkpoint("library", fingerprint)
+            stop = None
             if cfg.library_workers > 1:
                 loss = distill_library_parallel(student, data.train.images, normalizer, train_logits, train_cfg,
                                                 cfg.temperature, cfg.library_workers, self._rank_threads(),
@@ -223,15 +261,18 @@ class PoolBuild:
             else:
                 teacher = (online_source(oracle, data.train.images, normalizer) if train_logits is None
                            else cached_source(train_logits))
+                stop = self._early_stop(lambda: float(kd_loss(
+                    torch.from_numpy(predict_logits(student, self.val.images, normalizer)),
+                    torch.from_numpy(self.val_logits), cfg.temperature)))
                 loss = distill_student(student, data.train.images, normalizer, teacher, train_cfg, cfg.temperature,
-                                       show_progress=self.show_progress, checkpoint=checkpoint)
+                                       show_progress=self.show_progress, checkpoint=checkpoint, early_stop=stop)
             student_logits = predict_logits(student, data.test.images, normalizer)
             arch = library_architecture(student.cfg, cfg.student_arch)
             sha = save_state_dict(student.library, self.out / "library.pt")
             return StageRecord(fingerprint, "library.pt", sha, arch, count_parameters(student.library), 0.0, {
                 "final_kd_loss": round(loss, 4),
                 "student_test_accuracy": float((student_logits.argmax(1) == data.test.labels).mean()),
-                "student_parameters_with_temporary_head": count_parameters(student)})
+                "student_parameters_with_temporary_head": count_parameters(student), **(stop.metrics() if stop else {})})
 
         record = self.stages.run("library", fingerprint, run)
         return record, stage_module(record.architecture, self.out / record.file, "library")
@@ -249,7 +290,8 @@ class PoolBuild:
         cfg = self.cfg
         fingerprint = self.derived_fingerprint(oracle_rec.sha256, library_rec.sha256, data_fp, class_ids,
                                                 cfg.expert_width, cfg.expert_epochs, cfg.temperature, cfg.alpha,
-                                                cfg.expert_lr, cfg.batch_size, cfg.seed, cfg.online, cfg.cache_dtype)
+                                                cfg.expert_lr, cfg.batch_size, cfg.seed, cfg.online, cfg.cache_dtype,
+                                                *self._val_parts())
         job = ExpertJob(task, tuple(class_ids), fingerprint, 100 + zlib.crc32(task.encode()) % 100000,
                         library.cfg, cfg)
         if cfg.expert_stages > 1:
@@ -299,6 +341,7 @@ class PoolBuild:
             del settings["library_workers"]  # so does a one-process library's
         if self.cfg.expert_stages == 1:
             del settings["expert_stages"], settings["stage_width"]  # and a one-stage expert's
+        settings["color"] = data.color  # as read, so that every reload reads the images the same way
         return PoolMetadata(
             pool_id=hashlib.sha256("".join(shas).encode()).hexdigest()[:16],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -307,6 +350,7 @@ class PoolBuild:
             tasks=hierarchy.to_json(), oracle=entry(oracle_rec), library=entry(library_rec), experts=expert_entries,
             teachers={name: entry(rec) for name, rec in self.teachers.items()},
             build={"settings": settings, "train_images": len(data.train), "test_images": len(data.test),
+                   "validation_images": len(self.val) if self.val else 0,
                    "pool_builder": __version__, "torch": torch.__version__})
 
 

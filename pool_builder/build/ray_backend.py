@@ -132,12 +132,14 @@ class RayPoolBuild(PoolBuild):
         else:
             feats, logits = ray.put(np.asarray(features)), ray.put(np.asarray(train_logits))
         shared = [ray.put(test.features.numpy()), ray.put(test.oracle_logits), ray.put(test.labels)]
+        val = {"val_features": None if test.val_features is None else ray.put(test.val_features.numpy()),
+               "val_logits": None if test.val_logits is None else ray.put(test.val_logits)}
         remote = ray.remote(expert_task)
         # absolute, so a worker with another working directory finds the same stages/ (or none at all)
         checkpoints = {job.task: str(self.stages.checkpoint(job.stage, job.fingerprint).path.resolve()) for job in todo}
         pending = {remote.options(name=job.stage, num_cpus=self.opts.task_cpus, max_retries=self.opts.max_retries,
                                   retry_exceptions=False).remote(job, self.threads, n, feats, logits, *shared,
-                                                                 checkpoints[job.task]): job
+                                                                 checkpoints[job.task], **val): job
                    for job in todo}
         self.log(f"[experts] {len(todo)} task(s) on Ray: {', '.join(j.task for j in todo)} "
                  f"({self.threads} torch thread(s) each, up to {self.opts.max_retries} retries)")

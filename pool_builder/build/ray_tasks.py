@@ -114,7 +114,8 @@ def worker_checkpoint(path: str | None, fingerprint: str) -> Checkpoint | None:
 
 def expert_task(job: ExpertJob, threads: int, n: int, features: np.ndarray | SharedCache,
                 oracle_logits: np.ndarray | SharedCache, test_features: np.ndarray, test_logits: np.ndarray,
-                test_labels: np.ndarray, checkpoint_path: str | None = None) -> ExpertResult:
+                test_labels: np.ndarray, checkpoint_path: str | None = None, val_features: np.ndarray | None = None,
+                val_logits: np.ndarray | None = None) -> ExpertResult:
     """Ray task: one expert, trained exactly as the local build trains it; returns its weights as bytes.
 
     With a visible ``checkpoint_path`` it saves progress after every epoch, and a retry of the task (after
@@ -124,7 +125,8 @@ def expert_task(job: ExpertJob, threads: int, n: int, features: np.ndarray | Sha
     start = time.perf_counter()
     checkpoint = worker_checkpoint(checkpoint_path, job.fingerprint)
     saved = checkpoint.load() if checkpoint is not None else None
-    test = ExpertTestSet(torch.from_numpy(np.array(test_features)), test_logits, test_labels)
+    test = ExpertTestSet(torch.from_numpy(np.array(test_features)), test_logits, test_labels,
+                         None if val_features is None else torch.from_numpy(np.array(val_features)), val_logits)
     head, record = train_expert(job, n, cached_source(_resolve(features)), cached_source(_resolve(oracle_logits)),
                                 test, show_progress=False, checkpoint=checkpoint)
     weights = state_dict_bytes(head)

@@ -69,6 +69,23 @@ class Split:
         picked = np.sort(np.concatenate(chosen))
         return self.subset(picked)
 
+    def hold_out(self, share: float, cap: int, seed: int) -> tuple["Split", "Split | None"]:
+        """(rest, held-out) with ``share`` of every class held out (at most ``cap`` images in all, and at
+        least one image of each class left in the rest); ``share`` 0 holds nothing out."""
+        if share <= 0 or len(self) == 0:
+            return self, None
+        share = min(share, cap / len(self))
+        rng = np.random.default_rng(seed)
+        held = []
+        for c in np.unique(self.labels):
+            rows = rng.permutation(np.flatnonzero(self.labels == c))
+            held.append(rows[:min(len(rows) - 1, int(share * len(rows) + 0.5))])
+        picked = np.sort(np.concatenate(held))
+        if len(picked) == 0:
+            return self, None
+        keep = np.setdiff1d(np.arange(len(self)), picked)
+        return self.subset(keep), self.subset(picked)
+
 
 @dataclass
 class Dataset:
@@ -80,6 +97,7 @@ class Dataset:
     test: Split
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    color: str | None = None  # image_folder: "grey" or "rgb" as read (recorded so reloads read the same)
 
     def __post_init__(self) -> None:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
@@ -107,7 +125,7 @@ class Dataset:
     def limited(self, train_limit: int | None, test_limit: int | None, seed: int) -> "Dataset":
         """A stratified subset, keeping the full data's normalisation statistics."""
         return Dataset(self.name, self.class_names, self.train.stratified(train_limit, seed),
-                       self.test.stratified(test_limit, seed + 1), self.mean, self.std)
+                       self.test.stratified(test_limit, seed + 1), self.mean, self.std, self.color)
 
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
@@ -215,27 +233,62 @@ def load_cifar100(data_dir: str | Path | None) -> Dataset:
 
 # --------------------------------------------------------------------------- image folder
 
+COLORS = ("grey", "rgb")
+_GREY_MODES = ("L", "LA", "1", "I;16", "I", "F")  # Pillow modes read as one channel
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_images(files: list[Path], mode: str | None) -> tuple[np.ndarray, str]:
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.glob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _pillow():  # type: ignore[no-untyped-def]
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DataNotFoundError("the image_folder data set needs Pillow: pip install Pillow") from exc
+    return Image
+
+
+def folder_color(files: list[Path], color: str | None, root: Path) -> str:
+    """The colour every image is read in: ``color`` when given, else the one all files share.
+
+    Mixed grey and RGB files are refused with a count of each, so that the result
+    never depends on which file happens to sort first.
+    """
+    if color is not None:
+        if color not in COLORS:
+            raise unknown_name("color", color, list(COLORS))
+        return color
+    image = _pillow()
+    grey: list[Path] = []
+    rgb: list[Path] = []
+    for path in files:
+        with image.open(path) as img:  # reads the header only
+            (grey if img.mode in _GREY_MODES else rgb).append(path)
+    if grey and rgb:
+        raise PoolBuilderError(
+            f"image folder {root} mixes {len(grey)} grey and {len(rgb)} RGB images (e.g. {grey[0]} and {rgb[0]}); "
+            "pass --color grey or --color rgb to convert them all to one")
+    return "rgb" if rgb else "grey"
+
+
+def _read_images(files: list[Path], color: str) -> np.ndarray:
+    image = _pillow()
+    mode = "L" if color == "grey" else "RGB"
     arrays = []
     for path in files:
-        with Image.open(path) as img:
-            if mode is None:
-                mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
+        with image.open(path) as img:
             arr = np.asarray(img.convert(mode), dtype=np.uint8)
         arrays.append(arr[..., None] if arr.ndim == 2 else arr)
         if arrays[-1].shape != arrays[0].shape:
             raise PoolBuilderError(
                 f"image_folder images must share one size: {path} is {arrays[-1].shape[:2]}, "
                 f"{files[0]} is {arrays[0].shape[:2]}")
-    return np.stack(arrays), mode or "L"
+    return np.stack(arrays)
 
 
 def _held_out(path: Path, test_fraction: float) -> bool:
@@ -243,8 +296,19 @@ def _held_out(path: Path, test_fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < test_fraction
 
 
-def load_image_folder(data_dir: str | Path | None, test_fraction: float = 0.2) -> Dataset:
-    """One sub-folder per class, under ``train/`` and ``test/`` or directly under the root."""
+def _refuse_empty(folders: list[Path]) -> None:
+    """An empty class folder is a mistake (a failed copy, a typo); a class without images cannot be learnt."""
+    empty = [str(f) for f in folders if f.is_dir() and not _image_files(f)]
+    if empty:
+        raise DataNotFoundError(f"class folder(s) with no images ({', '.join(IMAGE_SUFFIXES)}): {', '.join(empty)}; "
+                                "add images or remove the folder")
+
+
+def load_image_folder(data_dir: str | Path | None, test_fraction: float = 0.2, color: str | None = None) -> Dataset:
+    """One sub-folder per class, under ``train/`` and ``test/`` or directly under the root.
+
+    ``color`` ("grey" or "rgb") converts every image; without it all images must share one.
+    """
     if data_dir is None or not Path(data_dir).is_dir():
         raise DataNotFoundError(
             f"image folder {data_dir!r} not found: expected ROOT/train/<class>/*.png and ROOT/test/<class>/*.png "
@@ -253,31 +317,33 @@ def load_image_folder(data_dir: str | Path | None, test_fraction: float = 0.2) -
     split_dirs = {"train": root / "train", "test": root / "test"}
     if all(p.is_dir() for p in split_dirs.values()):
         class_names = tuple(p.name for p in _class_dirs(split_dirs["train"]))
-        listing = {s: [(f, i) for i, c in enumerate(class_names) for f in sorted((d / c).glob("*"))
-                       if f.suffix.lower() in IMAGE_SUFFIXES] for s, d in split_dirs.items()}
+        _refuse_empty([split_dirs[s] / c for s in split_dirs for c in class_names])
+        listing = {s: [(f, i) for i, c in enumerate(class_names) for f in _image_files(d / c)]
+                   for s, d in split_dirs.items()}
         unknown = sorted({p.name for p in _class_dirs(split_dirs["test"])} - set(class_names))
         if unknown:
             raise PoolBuilderError(f"test classes {unknown} have no train folder; train classes: {list(class_names)}")
     else:
         class_names = tuple(p.name for p in _class_dirs(root))
-        files = [(f, i) for i, c in enumerate(class_names) for f in sorted((root / c).glob("*"))
-                 if f.suffix.lower() in IMAGE_SUFFIXES]
+        _refuse_empty([root / c for c in class_names])
+        files = [(f, i) for i, c in enumerate(class_names) for f in _image_files(root / c)]
         listing = {"train": [x for x in files if not _held_out(x[0], test_fraction)],
                    "test": [x for x in files if _held_out(x[0], test_fraction)]}
     if len(class_names) < 2 or not listing["train"] or not listing["test"]:
         raise DataNotFoundError(
             f"image folder {root} holds no usable images: expected ROOT/train/<class>/*.png and "
             f"ROOT/test/<class>/*.png with at least two classes (found classes {list(class_names)})")
-    train_x, mode = _read_images([f for f, _ in listing["train"]], None)
-    test_x, _ = _read_images([f for f, _ in listing["test"]], mode)
+    color = folder_color([f for s in ("train", "test") for f, _ in listing[s]], color, root)
+    train_x = _read_images([f for f, _ in listing["train"]], color)
+    test_x = _read_images([f for f, _ in listing["test"]], color)
     if train_x.shape[1:] != test_x.shape[1:]:
         raise PoolBuilderError(f"train images are {train_x.shape[1:3]} but test images are {test_x.shape[1:3]}")
     return Dataset("image_folder", class_names,
                    Split(train_x, np.array([i for _, i in listing["train"]])),
-                   Split(test_x, np.array([i for _, i in listing["test"]])))
+                   Split(test_x, np.array([i for _, i in listing["test"]])), color=color)
 
 
-DATASETS: dict[str, Callable[[str | Path | None], Dataset]] = {
+DATASETS: dict[str, Callable[..., Dataset]] = {
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
@@ -285,11 +351,24 @@ DATASETS: dict[str, Callable[[str | Path | None], Dataset]] = {
 }
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a data set by registry name; unknown names list the valid ones."""
+def load_dataset(name: str, data_dir: str | Path | None = None, color: str | None = None) -> Dataset:
+    """Load a data set by registry name; unknown names list the valid ones.
+
+    ``color`` only applies to ``image_folder`` (the other layouts have one fixed colour).
+    """
     if name not in DATASETS:
         raise unknown_name("dataset", name, list(DATASETS))
+    if name == "image_folder":
+        return load_image_folder(data_dir, color=color)
     return DATASETS[name](data_dir)
+
+
+def reload_dataset(name: str, settings: dict, data_dir: str | Path | None = None) -> Dataset:
+    """The data set a pool was built from, read again as the build read it (its directory and colour).
+
+    Everything that reloads a pool's data (query, evaluate, export calibration) goes through here.
+    """
+    return load_dataset(name, data_dir or settings.get("data_dir"), settings.get("color"))
 
 
 # --------------------------------------------------------------------------- tensors

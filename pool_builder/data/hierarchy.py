@@ -52,12 +52,18 @@ class TaskHierarchy:
             if not isinstance(task, str) or not TASK_NAME.match(task) or ".." in task:  # the device's rule too
                 raise PoolBuilderError(f"invalid task name {task!r}: use 1-64 letters, digits, '_', '-' or '.', "
                                        "starting with a letter or digit (no '..')")
-            if isinstance(members, str) or not isinstance(members, Sequence) or not members:
-                raise PoolBuilderError(f"task {task!r} must list at least one class name")
+            if isinstance(members, str):
+                raise PoolBuilderError(f"task {task!r} must be a list of class names, got the string {members!r} "
+                                       f"(write {json.dumps([members])})")
+            if not isinstance(members, Sequence) or not members:
+                raise PoolBuilderError(f"task {task!r} must list at least one class name, got {members!r}")
             ids = []
-            for member in members:
+            for raw in members:
+                member = class_name(raw, task)
                 if member not in index:
                     raise unknown_name("class", member, list(class_names))
+                if owner.get(member) == task:
+                    raise PoolBuilderError(f"class {member!r} is listed twice in task {task!r}")
                 if member in owner:
                     raise PoolBuilderError(
                         f"tasks must be disjoint: class {member!r} is in both {owner[member]!r} and {task!r}")
@@ -117,3 +123,18 @@ class TaskHierarchy:
 
     def task_of_class(self) -> dict[int, str]:
         return {i: name for name, ids in self.tasks for i in ids}
+
+    def uncovered(self) -> tuple[str, ...]:
+        """Class names no task lists: no composed model can ever answer them."""
+        owned = self.task_of_class()
+        return tuple(name for i, name in enumerate(self.class_names) if i not in owned)
+
+
+def class_name(raw: object, task: str) -> str:
+    """A class name from a hierarchy file: a string, or a JSON integer read as its digits (folders named 0..9)."""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    raise PoolBuilderError(f"task {task!r} lists {json.dumps(raw)}: class names must be strings "
+                           "(or integers, read as folder names like \"3\")")

@@ -48,6 +48,48 @@ class TrainConfig:
             raise PoolBuilderError(f"learning rate must be positive, got {self.lr}")
 
 
+class EarlyStop:
+    """Early stopping on a held-out share: score after every epoch, keep the best weights, stop after
+    ``patience`` epochs without a better score (0: run every epoch, still keep the best).
+
+    Why: a step budget sized for 12k images is many epochs on 1k, where the last epoch is rarely the best.
+    """
+
+    def __init__(self, score: Callable[[], float], patience: int) -> None:
+        self.score = score
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = 0
+        self.epochs_run = 0
+        self.best_state: dict[str, Any] | None = None
+
+    def update(self, epoch: int, model: nn.Module) -> bool:
+        """Score the model after ``epoch`` (1-based); True when training should stop."""
+        model.eval()
+        with torch.no_grad():
+            value = float(self.score())
+        model.train()
+        self.epochs_run = epoch
+        if value < self.best:
+            self.best, self.best_epoch = value, epoch
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.best_state = saved["best"], saved["best_epoch"], saved["best_state"]
+
+    def metrics(self) -> dict[str, Any]:
+        """What the stage record keeps: how long it ran and which epoch's weights it kept."""
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "best_val_loss": round(self.best, 4)}
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True) -> Iterable[T]:
     """A tqdm bar on stderr when interactive and tqdm is installed; the plain iterable otherwise."""
     if not enabled or not sys.stderr.isatty():
@@ -112,8 +154,11 @@ def run_batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, 
 
 def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainConfig,
          step_loss: Callable[[np.ndarray], torch.Tensor], desc: str, show_progress: bool,
-         checkpoint: Checkpoint | None = None, generators: dict[str, torch.Generator] | None = None) -> float:
+         checkpoint: Checkpoint | None = None, generators: dict[str, torch.Generator] | None = None,
+         early_stop: EarlyStop | None = None) -> float:
     """Generic loop: shuffled batches, SGD + cosine; returns the last epoch's mean loss.
+
+    With ``early_stop`` the model is scored after every epoch, may stop early, and ends with its best weights.
 
     With a ``checkpoint`` the model, optimiser, schedule and random generators are
     saved after every epoch, and a matching checkpoint is resumed from, so that
@@ -126,6 +171,8 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         start, last = restore_progress(saved, model, opt, sched, gens)
+        if early_stop is not None and "early_stop" in saved:
+            early_stop.load(saved["early_stop"])
     model.train()
     for epoch in range(start, cfg.epochs):
         total, count = 0.0, 0
@@ -141,8 +188,16 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], n: int, cfg: TrainCon
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / count
+        stop = early_stop is not None and early_stop.update(epoch + 1, model)
+        if stop:
+            break
         if checkpoint and epoch + 1 < cfg.epochs:
-            checkpoint.save(progress_state(epoch + 1, last, model, opt, sched, gens))
+            state = progress_state(epoch + 1, last, model, opt, sched, gens)
+            if early_stop is not None:
+                state["early_stop"] = early_stop.state()
+            checkpoint.save(state)
+    if early_stop is not None:
+        early_stop.restore(model)
     model.eval()
     return last
 
@@ -175,7 +230,7 @@ def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, normalizer: Normalizer,
                      cfg: TrainConfig, hflip: bool = True, show_progress: bool = True,
-                     checkpoint: Checkpoint | None = None) -> float:
+                     checkpoint: Checkpoint | None = None, early_stop: EarlyStop | None = None) -> float:
     """Cross-entropy training (the oracle, or the from-scratch baseline)."""
     targets = torch.from_numpy(labels)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -187,24 +242,26 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, n
         return F.cross_entropy(model(x), targets[idx])
 
     return _fit(model, model.parameters(), len(images), cfg, step, "oracle", show_progress, checkpoint,
-                {"augment": aug_gen})
+                {"augment": aug_gen}, early_stop)
 
 
 def distill_student(student: nn.Module, images: np.ndarray, normalizer: Normalizer, teacher: Source,
                     cfg: TrainConfig, temperature: float, show_progress: bool = True,
-                    checkpoint: Checkpoint | None = None) -> float:
+                    checkpoint: Checkpoint | None = None, early_stop: EarlyStop | None = None) -> float:
     """Plain KD on all classes: how the library (with a temporary full head) is trained."""
 
     def step(idx: np.ndarray) -> torch.Tensor:
         x = normalizer(images[idx])
         return kd_loss(student(x), teacher(idx, x), temperature)
 
-    return _fit(student, student.parameters(), len(images), cfg, step, "library", show_progress, checkpoint)
+    return _fit(student, student.parameters(), len(images), cfg, step, "library", show_progress, checkpoint,
+                early_stop=early_stop)
 
 
 def extract_expert(head: nn.Module, n: int, features: Source, oracle_logits: Source, class_ids: tuple[int, ...],
                    cfg: TrainConfig, temperature: float, alpha: float, desc: str = "expert",
-                   show_progress: bool = True, checkpoint: Checkpoint | None = None) -> float:
+                   show_progress: bool = True, checkpoint: Checkpoint | None = None,
+                   early_stop: EarlyStop | None = None) -> float:
     """Conditional KD of one expert on the frozen library's features, all ``n`` training images."""
     if alpha < 0:
         raise PoolBuilderError(f"alpha must be >= 0, got {alpha}")
@@ -215,7 +272,7 @@ def extract_expert(head: nn.Module, n: int, features: Source, oracle_logits: Sou
         target = oracle_logits(idx, None).index_select(1, cols)
         return ckd_loss(head(feats), target, temperature, alpha).total
 
-    return _fit(head, head.parameters(), n, cfg, step, desc, show_progress, checkpoint)
+    return _fit(head, head.parameters(), n, cfg, step, desc, show_progress, checkpoint, early_stop=early_stop)
 
 
 # --------------------------------------------------------------------------- teacher sources

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pool_builder.pool.consolidate import consolidate
-from pool_builder.data.datasets import Normalizer, Split, load_dataset
+from pool_builder.data.datasets import Normalizer, Split, reload_dataset
 from pool_builder.models.ensemble import Ensemble
 from pool_builder.errors import PoolBuilderError
 from pool_builder.models.wrn import count_parameters
@@ -91,6 +91,9 @@ class QueryReport:
     cross_expert_error_share: float
     # multi-teacher oracle only: each teacher alone, restricted to the query's classes (oracle_* is the ensemble)
     teacher_accuracies: dict[str, float] = field(default_factory=dict)
+    # images only the oracle / only PoE got right (the discordant pairs that decide whether a gap is noise)
+    oracle_only_right: int = 0
+    poe_only_right: int = 0
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -137,6 +140,7 @@ class Evaluator:
         cross = int(sum(owner[int(p)] != owner[int(t)] for p, t in zip(preds[wrong], labels[wrong])))
         poe_acc = float((~wrong).mean()) if len(labels) else float("nan")
         oracle_acc = restricted_accuracy(self.oracle_logits[mask], labels, union)
+        oracle_right = np.asarray(union)[np.argmax(self.oracle_logits[mask][:, union], axis=1)] == labels
         return QueryReport(
             tasks=list(names), classes=[self.pool.meta.dataset.class_names[i] for i in union],
             test_images=int(mask.sum()), poe_accuracy=poe_acc, oracle_accuracy=oracle_acc,
@@ -146,13 +150,14 @@ class Evaluator:
             cross_expert_errors=cross, errors=int(wrong.sum()),
             cross_expert_error_share=cross / int(wrong.sum()) if wrong.any() else 0.0,
             teacher_accuracies={name: restricted_accuracy(z[mask], labels, union)
-                                for name, z in self.teacher_logits.items()})
+                                for name, z in self.teacher_logits.items()},
+            oracle_only_right=int((oracle_right & wrong).sum()), poe_only_right=int((~oracle_right & ~wrong).sum()))
 
 
 def held_out_split(pool: Pool, data_dir: str | None = None, test_limit: int | None = None) -> Split:
     """The test images a pool was evaluated on at build time (same data set, limit and seed) unless overridden."""
     settings = pool.meta.build.get("settings", {})
-    dataset = load_dataset(pool.meta.dataset.name, data_dir or settings.get("data_dir"))
+    dataset = reload_dataset(pool.meta.dataset.name, settings, data_dir)
     if tuple(dataset.class_names) != tuple(pool.meta.dataset.class_names):
         raise PoolBuilderError(f"data set classes {list(dataset.class_names)} differ from the pool's "
                                f"{pool.meta.dataset.class_names}")

@@ -9,7 +9,8 @@
      "library": {...same..., "architecture": {"kind": "wrn_library", ...}},
      "experts": {"footwear": {...same..., "task", "class_ids", "library_sha256"}},
      "build": {build parameters},
-     "teachers": {"t0:wrn_16_2@seed0": {...same as oracle...}, ...}}   # only for a multi-teacher oracle
+     "teachers": {"t0:wrn_16_2@seed0": {...same as oracle...}, ...},   # only for a multi-teacher oracle
+     "checks": {"composites", "worst_gap", "logit_scale", "thresholds", "warnings"}}   # build-time checks
 
 A multi-teacher oracle's entry is ``ensemble.json`` with ``architecture.kind ==
 "ensemble"`` (fusion rule and weights; the teachers' files and sha256); the
@@ -81,11 +82,14 @@ class PoolMetadata:
     build: dict[str, Any]
     schema_version: int = POOL_SCHEMA_VERSION
     teachers: dict[str, ModelEntry] = field(default_factory=dict)  # members of a multi-teacher oracle
+    checks: dict[str, Any] = field(default_factory=dict)  # composite check and warnings (pool/checks.py)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
         if not self.teachers:
             del raw["teachers"]  # a single-oracle pool.json is unchanged
+        if not self.checks:
+            del raw["checks"]
         return raw
 
     def expert(self, task: str) -> ExpertEntry:
@@ -133,7 +137,8 @@ def read_pool_json(pool_dir: str | Path) -> PoolMetadata:
             library=_entry(raw["library"], ModelEntry, "library"),
             experts={k: _entry(v, ExpertEntry, f"expert {k!r}") for k, v in raw["experts"].items()},  # type: ignore[misc]
             build=raw.get("build", {}), schema_version=version,
-            teachers={k: _entry(v, ModelEntry, f"teacher {k!r}") for k, v in raw.get("teachers", {}).items()})
+            teachers={k: _entry(v, ModelEntry, f"teacher {k!r}") for k, v in raw.get("teachers", {}).items()},
+            checks=dict(raw.get("checks") or {}))
     except (KeyError, TypeError, AttributeError) as exc:
         raise PoolFormatError(f"{path} is missing or mangles field {exc}") from exc
 

@@ -54,6 +54,19 @@ def test_build_bad_settings(capsys, tmp_path):
     _one_line_error(capsys, ["build", "--oracle-arch", "vgg", "--out", str(tmp_path)], "unknown architecture 'vgg'")
     _one_line_error(capsys, ["build", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), "--out",
                              str(tmp_path / "p")], "apt-get install dataset-fashion-mnist")
+    _one_line_error(capsys, ["build", "--color", "rgb", "--out", str(tmp_path)],
+                    "--color only applies to --dataset image_folder")
+    _one_line_error(capsys, ["build", "--val-share", "0.7", "--out", str(tmp_path)], "validation share must be in")
+    _one_line_error(capsys, ["build", "--expert-steps", "0", "--out", str(tmp_path)], "expert steps must be >= 1")
+    _one_line_error(capsys, ["build", "--min-epochs", "9", "--max-epochs", "3", "--out", str(tmp_path)],
+                    "min epochs (9) exceed max epochs (3)")
+
+
+def test_build_hierarchy_task_as_a_string(capsys, tmp_path):
+    h = tmp_path / "h.json"
+    h.write_text(json.dumps({"bags": "Bag"}))
+    _one_line_error(capsys, ["build", "--hierarchy", str(h), "--out", str(tmp_path / "p"),
+                             "--data-dir", str(FMNIST_DIR)], "task 'bags' must be a list of class names")
 
 
 def test_build_hierarchy_with_unknown_class(capsys, tmp_path):

@@ -104,6 +104,51 @@ def test_image_folder_layout(tmp_path):
         load_dataset("image_folder", tmp_path)
 
 
+def _folder(root, modes):
+    """ROOT/<class>/<i>.png with one file per (class, PIL mode) given."""
+    from PIL import Image
+
+    for cls, files in modes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i, mode in enumerate(files):
+            shape = (8, 8) if mode == "L" else (8, 8, 3)
+            Image.fromarray(np.full(shape, 40 * (i + 1), np.uint8), mode).save(root / cls / f"{cls}{i}.png")
+    return root
+
+
+def test_image_folder_mixed_colours_refused_with_counts(tmp_path):
+    # "a" sorts first and is grey: the old loader decided grey from it and silently converted the RGB files
+    root = _folder(tmp_path, {"a": ["L"] * 6, "b": ["RGB"] * 5 + ["L"]})
+    with pytest.raises(PoolBuilderError, match="mixes 7 grey and 5 RGB images.*--color grey or --color rgb"):
+        load_dataset("image_folder", root)
+    grey, rgb = load_dataset("image_folder", root, "grey"), load_dataset("image_folder", root, "rgb")
+    assert grey.input_shape[0] == 1 and grey.color == "grey"
+    assert rgb.input_shape[0] == 3 and rgb.color == "rgb"
+    with pytest.raises(UnknownNameError, match="valid colors: grey, rgb"):
+        load_dataset("image_folder", root, "gray")
+
+
+def test_image_folder_uniform_colour_needs_no_flag(tmp_path):
+    root = _folder(tmp_path, {"a": ["RGB"] * 6, "b": ["RGB"] * 6})
+    assert load_dataset("image_folder", root).color == "rgb"
+
+
+def test_image_folder_empty_class_refused(tmp_path):
+    root = _folder(tmp_path, {"a": ["L"] * 6, "b": ["L"] * 6})
+    (root / "c").mkdir()
+    (root / "c" / "notes.txt").write_text("no images")
+    with pytest.raises(DataNotFoundError, match=r"class folder\(s\) with no images.*/c"):
+        load_dataset("image_folder", root)
+
+
+def test_hold_out_is_stratified_capped_and_leaves_every_class(fmnist_small):
+    rest, held = fmnist_small.train.hold_out(0.1, 5000, seed=0)
+    assert len(held) == 60 and np.bincount(held.labels).tolist() == [6] * 10 and len(rest) == 540
+    _, capped = fmnist_small.train.hold_out(0.1, 20, seed=0)
+    assert len(capped) == 20
+    assert fmnist_small.train.hold_out(0.0, 5000, seed=0)[1] is None
+
+
 def test_image_folder_missing(tmp_path):
     with pytest.raises(DataNotFoundError, match="ROOT/train/<class>"):
         load_dataset("image_folder", tmp_path / "nope")

@@ -50,12 +50,33 @@ def test_overlapping_tasks_are_refused():
 @pytest.mark.parametrize("mapping, message", [
     ({}, "non-empty JSON object"),
     ({"a": []}, "at least one class"),
-    ({"a": "Bag"}, "at least one class"),
+    ({"a": "Bag"}, r"task 'a' must be a list of class names, got the string 'Bag' \(write \[.Bag.\]\)"),
+    ({"a": {"Bag": 1}}, "at least one class"),
+    ({"a": ["Bag", 2.5]}, "lists 2.5: class names must be strings"),
+    ({"a": [True]}, "lists true: class names must be strings"),
     ({"../x": ["Bag"]}, "invalid task name"),
 ])
 def test_malformed_hierarchies(mapping, message):
     with pytest.raises(PoolBuilderError, match=message):
         TaskHierarchy.from_mapping(mapping, FASHION_MNIST_CLASSES)
+
+
+def test_class_repeated_inside_one_task_says_so():
+    with pytest.raises(PoolBuilderError, match="class 'Bag' is listed twice in task 'mixed_a'"):
+        TaskHierarchy.from_mapping({"mixed_a": ["Bag", "Coat", "Bag"]}, FASHION_MNIST_CLASSES)
+
+
+def test_unknown_class_message_spells_classes():
+    with pytest.raises(UnknownNameError, match="valid classes: "):
+        TaskHierarchy.from_mapping({"a": ["Boot"]}, FASHION_MNIST_CLASSES)
+
+
+def test_numeric_class_names_read_as_folder_names(tmp_path):
+    path = tmp_path / "h.json"
+    path.write_text('{"low": [0, 1], "high": [2, "3"]}')
+    h = TaskHierarchy.from_json(path, ["0", "1", "2", "3", "4"])
+    assert h.to_json() == {"low": [0, 1], "high": [2, 3]}
+    assert h.uncovered() == ("4",)
 
 
 def test_json_file_round_trip_and_errors(tmp_path):
