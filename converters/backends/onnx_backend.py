@@ -43,7 +43,8 @@ class OnnxBackend(FormatBackend):
                                    f"(|x| > {FP16_MAX:g}); export fp32 or int8 instead")
             model = convert_to_fp16(model)
         elif precision == "int8":
-            assert scheme is not None, "int8 is always converted under a quantization scheme"
+            if scheme is None:
+                raise ConvertError("onnx int8 needs a quantization scheme (per_channel or per_tensor); none was chosen")
             model = quantize_onnx(model, source.input_name, self.calibration.for_unit(key, "NCHW"), scheme)
         return model.SerializeToString()
 
